@@ -1,9 +1,15 @@
 """vbxfx: compress PyTorch models for the Microchip VectorBlox accelerator as torch.fx passes."""
 
 from vbxfx.errors import CheckError, ConfigError, ExportError, FormatError, TraceError, VbxError
+from vbxfx.format import (PairEncoding, Violation, apply_encoding, encode_weight, explain_violation,
+                          fits, project_unstructured, project_weight, projection_error,
+                          quantize_int8, unstructured_macs, weight_repeat)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "VbxError", "FormatError", "ConfigError", "TraceError", "ExportError", "CheckError",
+    "PairEncoding", "Violation", "apply_encoding", "encode_weight", "explain_violation", "fits",
+    "project_unstructured", "project_weight", "projection_error", "quantize_int8",
+    "unstructured_macs", "weight_repeat",
 ]

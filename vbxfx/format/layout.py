@@ -71,12 +71,13 @@ def num_blocks(shape: torch.Size | tuple[int, ...]) -> int:
     return vectors * padded_channels(shape[1]) // BLOCK
 
 
-def to_blocks(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Weight -> ``[N, 8]`` blocks in hardware order, zero-padded (a new tensor)."""
+def to_blocks(weight: torch.Tensor, dtype: torch.dtype = torch.float32,
+              pad_value: float = 0) -> torch.Tensor:
+    """Weight -> ``[N, 8]`` blocks in hardware order, padded with ``pad_value`` (a new tensor)."""
     vec = to_vectors(weight).to(dtype)
     pad = padded_channels(vec.shape[1]) - vec.shape[1]
     if pad:
-        vec = torch.nn.functional.pad(vec, (0, pad))
+        vec = torch.nn.functional.pad(vec, (0, pad), value=pad_value)
     return vec.reshape(-1, BLOCK).contiguous()
 
 

@@ -1,0 +1,160 @@
+"""Encoding of a fitting weight: mask, pair indices and pair signs.
+
+For a weight that fits a repeat, :func:`encode_weight` derives
+
+* ``mask`` (bool, weight's shape): the nonzeros;
+* ``pair_index`` (int64, weight's shape): flat index (into ``weight.flatten()``) of the
+  weight that shares this one's multiplier, or -1;
+* ``pair_sign`` (int8, weight's shape): +1 when the pair has the same sign (the pre-adder
+  adds), -1 when opposite (it subtracts), 0 when unpaired.
+
+:func:`apply_encoding` is the least-squares projection of any weight onto that fixed pattern
+(masked weights zeroed, each pair replaced by its common magnitude); on the encoded weight
+itself it gives the weight back exactly, so it doubles as the decoder.
+
+>>> import torch
+>>> w = torch.tensor([[5., 3., 3., -5., 2., 4., -4., 2.]])
+>>> enc = encode_weight(w)
+>>> enc.repeat, enc.pair_index.tolist(), enc.pair_sign.tolist()
+(2, [[3, 2, 1, 0, 7, 6, 5, 4]], [[-1, 1, 1, -1, 1, -1, -1, 1]])
+>>> torch.equal(apply_encoding(w, enc), w)
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vbxfx.errors import FormatError
+from vbxfx.format.cost import check_repeat
+from vbxfx.format.layout import check_weight, from_blocks, to_blocks
+from vbxfx.format.structured import _IDX, fits_blocks
+from vbxfx.format.weights import explain_violation, weight_repeat
+
+__all__ = ["PairEncoding", "encode_weight", "apply_encoding", "pattern_coefficients"]
+
+
+@dataclass(frozen=True)
+class PairEncoding:
+    """Mask, pairing and repeat of one weight (see the module docstring)."""
+
+    repeat: int
+    mask: torch.Tensor
+    pair_index: torch.Tensor
+    pair_sign: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return int((self.pair_index >= 0).sum()) // 2
+
+    @property
+    def paired_fraction(self) -> float:
+        """Share of the nonzero weights that sit in a pair."""
+        nz = int(self.mask.sum())
+        return 2 * self.num_pairs / nz if nz else 0.0
+
+    def to(self, device: torch.device | str) -> "PairEncoding":
+        return PairEncoding(self.repeat, self.mask.to(device), self.pair_index.to(device),
+                            self.pair_sign.to(device))
+
+
+def _split_partners() -> torch.Tensor:
+    """Partner of each element per repeat-2 split c = 4*t1 + 2*t2 + t3 (``[8, 8]``)."""
+    rows = []
+    for c in range(8):
+        t1, t2, t3 = c // 4, (c // 2) % 2, c % 2
+        p = [0] * 8
+        for i, j in ((0, 2 + t1), (1, 3 - t1), (4 + t2, 6 + t3), (5 - t2, 7 - t3)):
+            p[i], p[j] = j, i
+        rows.append(p)
+    return torch.tensor(rows)
+
+
+_SPLIT_PARTNERS = _split_partners()
+
+
+def _partners(w: torch.Tensor, repeat: int) -> torch.Tensor:
+    """Partner row (0..7) of every element of ``[8, n]`` fitting blocks (self if none)."""
+    n = w.shape[1]
+    rows = torch.arange(8).unsqueeze(1).expand(8, n)
+    if repeat == 4:
+        return rows.clone()
+    if repeat == 2:
+        wi, wj = w.index_select(0, _IDX["pi"]), w.index_select(0, _IDX["pj"])
+        full = (wi != 0) & (wj != 0)
+        ok = ~full | (wi.abs() == wj.abs())
+        opp = (wi < 0) != (wj < 0)
+
+        def rows_ok(li: str, hi: str) -> torch.Tensor:
+            fl, fh = full.index_select(0, _IDX[li]), full.index_select(0, _IDX[hi])
+            same = opp.index_select(0, _IDX[li]) == opp.index_select(0, _IDX[hi])
+            return ok.index_select(0, _IDX[li]) & ok.index_select(0, _IDX[hi]) & (~fl | ~fh | same)
+
+        valid = rows_ok("al", "ah") & rows_ok("bl", "bh")            # [8 splits, n]
+        split = valid.to(torch.int8).argmax(dim=0)                  # first valid split
+        return _SPLIT_PARTNERS[split].t().contiguous()
+    # repeat 1: the partner of a nonzero is the nonzero of the other sub-pair of its half
+    partner = rows.clone()
+    nz = w != 0
+    for k in range(8):
+        other = (k // 4) * 4 + (2 if (k % 4) < 2 else 0)
+        partner[k] = torch.where(nz[other], other, other + 1)
+    return partner
+
+
+@torch.no_grad()
+def encode_weight(weight: torch.Tensor, repeat: int | None = None) -> PairEncoding:
+    """Mask, pair indices and signs of a weight that fits ``repeat`` exactly (float values).
+
+    ``repeat=None`` takes the smallest repeat the exact values fit.
+
+    Raises:
+        FormatError: the weight does not fit ``repeat``; the message locates the block.
+    """
+    check_weight(weight)
+    if repeat is None:
+        repeat = weight_repeat(weight, quantize=False)
+    check_repeat(repeat)
+    w = to_blocks(weight).t().contiguous()
+    if not bool(fits_blocks(w, repeat).all()):
+        raise FormatError(f"cannot encode: {explain_violation(weight, repeat, quantize=False)}")
+    flat = torch.arange(weight.numel(), device=weight.device).reshape(weight.shape)
+    flat_blocks = to_blocks(flat.cpu(), dtype=torch.int64, pad_value=-1).t()
+    partner = _partners(w, repeat)
+    wp = w.gather(0, partner)
+    paired = (w != 0) & (wp != 0) & (partner != torch.arange(8).unsqueeze(1))
+    index = torch.where(paired, flat_blocks.gather(0, partner), torch.full_like(partner, -1))
+    sign = torch.where(paired, torch.where((w < 0) == (wp < 0), 1, -1), 0).to(torch.int8)
+    shape = weight.shape
+    return PairEncoding(
+        repeat=repeat,
+        mask=(weight != 0).detach().clone(),
+        pair_index=from_blocks(index.t(), shape).to(weight.device),
+        pair_sign=from_blocks(sign.t(), shape).to(weight.device),
+    )
+
+
+def pattern_coefficients(enc: PairEncoding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(a, b, idx)`` with ``apply_encoding(w) == a*w + b*w.flatten()[idx].view_as(w)``.
+
+    Precompute these once per pattern; applying them is one gather and two multiplies.
+    """
+    paired = enc.pair_index >= 0
+    mask = enc.mask.to(torch.float32)
+    a = torch.where(paired, 0.5, 1.0) * mask
+    b = torch.where(paired, 0.5 * enc.pair_sign.to(torch.float32), 0.0) * mask
+    idx = torch.where(paired, enc.pair_index,
+                      torch.arange(enc.mask.numel(), device=enc.mask.device).view(enc.mask.shape))
+    return a, b, idx
+
+
+def apply_encoding(weight: torch.Tensor, enc: PairEncoding) -> torch.Tensor:
+    """Project ``weight`` onto the pattern of ``enc`` (differentiable, linear in weight)."""
+    if tuple(weight.shape) != tuple(enc.mask.shape):
+        raise FormatError(f"weight of shape {tuple(weight.shape)} does not match the encoding's "
+                          f"shape {tuple(enc.mask.shape)}")
+    a, b, idx = pattern_coefficients(enc)
+    a, b, idx = a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype), idx.to(weight.device)
+    return a * weight + b * weight.reshape(-1)[idx.reshape(-1)].view_as(weight)
