@@ -29,21 +29,27 @@ import torch
 
 from vbxfx.errors import FormatError
 from vbxfx.format.cost import check_repeat
-from vbxfx.format.layout import check_weight, from_blocks, to_blocks
+from vbxfx.format.layout import check_weight, from_blocks, from_vectors, to_blocks, to_vectors
 from vbxfx.format.structured import _IDX, fits_blocks
 from vbxfx.format.weights import explain_violation, weight_repeat
 
-__all__ = ["PairEncoding", "encode_weight", "apply_encoding", "pattern_coefficients"]
+__all__ = ["PairEncoding", "encode_weight", "encode_unstructured", "apply_encoding",
+           "pattern_coefficients"]
 
 
 @dataclass(frozen=True)
 class PairEncoding:
-    """Mask, pairing and repeat of one weight (see the module docstring)."""
+    """Mask, pairing and repeat of one weight (see the module docstring).
+
+    ``format`` is "comp" (structured, ``repeat`` 1, 2 or 4) or "ucomp" (unstructured, odd/even
+    pairs per input-channel vector, ``repeat`` 0).
+    """
 
     repeat: int
     mask: torch.Tensor
     pair_index: torch.Tensor
     pair_sign: torch.Tensor
+    format: str = "comp"
 
     @property
     def num_pairs(self) -> int:
@@ -57,7 +63,7 @@ class PairEncoding:
 
     def to(self, device: torch.device | str) -> "PairEncoding":
         return PairEncoding(self.repeat, self.mask.to(device), self.pair_index.to(device),
-                            self.pair_sign.to(device))
+                            self.pair_sign.to(device), self.format)
 
 
 def _split_partners() -> torch.Tensor:
@@ -134,6 +140,47 @@ def encode_weight(weight: torch.Tensor, repeat: int | None = None) -> PairEncodi
         pair_index=from_blocks(index.t(), shape).to(weight.device),
         pair_sign=from_blocks(sign.t(), shape).to(weight.device),
     )
+
+
+@torch.no_grad()
+def encode_unstructured(weight: torch.Tensor) -> PairEncoding:
+    """Mask and pairs of a weight in the unstructured format (exact float values).
+
+    In every input-channel vector, nonzeros of equal magnitude at even and odd indices are
+    paired (the k-th even with the k-th odd of each magnitude), which is a maximum pairing.
+    """
+    check_weight(weight)
+    v = to_vectors(weight.detach()).float().cpu()
+    flat = to_vectors(torch.arange(weight.numel()).reshape(weight.shape))
+    index = torch.full(v.shape, -1, dtype=torch.int64)
+    sign = torch.zeros(v.shape, dtype=torch.int8)
+    rows, cols = (v != 0).nonzero(as_tuple=True)
+    if rows.numel():
+        _, mag_id = torch.unique(v[rows, cols].abs(), return_inverse=True)
+        parity = cols % 2
+        group = rows * (int(mag_id.max()) + 1) + mag_id
+        order = torch.argsort(group * 2 * (v.shape[1] + 1) + parity * (v.shape[1] + 1) + cols)
+        g, p, r, c = group[order], parity[order], rows[order], cols[order]
+        run = g * 2 + p
+        start = torch.ones_like(run, dtype=torch.bool)
+        start[1:] = run[1:] != run[:-1]
+        first = torch.cummax(torch.where(start, torch.arange(run.numel()), 0), 0).values
+        rank = torch.arange(run.numel()) - first
+        key = g * (v.shape[1] + 1) + rank
+        ev, od = p == 0, p == 1
+        ke, ko = key[ev], key[od]
+        pos = torch.searchsorted(ke, ko).clamp_(max=max(ke.numel() - 1, 0))
+        hit = (ke.numel() > 0) & (ke[pos] == ko) if ke.numel() else torch.zeros_like(ko, dtype=torch.bool)
+        er, ec = r[ev][pos[hit]], c[ev][pos[hit]]
+        orow, ocol = r[od][hit], c[od][hit]
+        index[er, ec], index[orow, ocol] = flat[orow, ocol], flat[er, ec]
+        same = (v[er, ec] < 0) == (v[orow, ocol] < 0)
+        s = torch.where(same, 1, -1).to(torch.int8)
+        sign[er, ec], sign[orow, ocol] = s, s
+    dev = weight.device
+    return PairEncoding(repeat=0, mask=(weight != 0).detach().clone(),
+                        pair_index=from_vectors(index, weight.shape).to(dev),
+                        pair_sign=from_vectors(sign, weight.shape).to(dev), format="ucomp")
 
 
 def pattern_coefficients(enc: PairEncoding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
