@@ -1,5 +1,7 @@
 """Graph passes over torch.fx GraphModules (importable as ``vbxfx.passes``)."""
 
 from vbxfx.passes.base import GraphPass, PassResult
+from vbxfx.passes.analyze_layers import AnalyzeLayers
+from vbxfx.passes.channel_flow import ChannelFlow
 
-__all__ = ["GraphPass", "PassResult"]
+__all__ = ["GraphPass", "PassResult", "AnalyzeLayers", "ChannelFlow"]

@@ -4,6 +4,8 @@ from vbxfx.errors import CheckError, ConfigError, ExportError, FormatError, Trac
 from vbxfx.format import (PairEncoding, Violation, apply_encoding, encode_weight, explain_violation,
                           fits, project_unstructured, project_weight, projection_error,
                           quantize_int8, unstructured_macs, weight_repeat)
+from vbxfx.layers import LayerInfo, LayerTable
+from vbxfx.trace import analyze, trace
 
 __version__ = "0.1.0"
 
@@ -12,4 +14,5 @@ __all__ = [
     "PairEncoding", "Violation", "apply_encoding", "encode_weight", "explain_violation", "fits",
     "project_unstructured", "project_weight", "projection_error", "quantize_int8",
     "unstructured_macs", "weight_repeat",
+    "trace", "analyze", "LayerInfo", "LayerTable",
 ]

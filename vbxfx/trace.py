@@ -24,16 +24,21 @@ import linecache
 import logging
 import os
 import types
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vbxfx.errors import ConfigError, TraceError
+from vbxfx.layers import LAYER_TYPES
 
-__all__ = ["trace", "FRONTENDS", "FRONTEND_KEY", "ROOT_KEY", "INPUTS_KEY", "get_root",
-           "eval_mode"]
+__all__ = ["trace", "analyze", "FRONTENDS", "FRONTEND_KEY", "ROOT_KEY", "INPUTS_KEY", "get_root",
+           "eval_mode", "preserved_state", "run_shapes_only"]
+
+if TYPE_CHECKING:
+    from vbxfx.layers import LayerTable
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,8 @@ class _LeafTracer(torch.fx.Tracer):
         if module_qualified_name in self._leaf_names:
             return True
         if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if isinstance(m, LAYER_TYPES):  # user subclasses of Conv/Linear too: one node each
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -137,6 +144,25 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Any = (),
     return gm
 
 
+def analyze(model: nn.Module, example_inputs: Any, *, exclude: Any = (), leaf_modules: Any = (),
+            frontend: str = "auto") -> "LayerTable":
+    """Trace ``model`` and run :class:`vbxfx.passes.AnalyzeLayers` on it.
+
+    >>> import torch, vbxfx
+    >>> table = vbxfx.analyze(torch.nn.Conv2d(3, 8, 3), torch.randn(1, 3, 8, 8))
+    >>> [(layer.name, layer.macs) for layer in table]
+    [('', 7776)]
+
+    Raises:
+        TraceError: see :func:`trace`.
+        ConfigError: bad arguments, or an ``exclude`` pattern that matches no layer.
+    """
+    from vbxfx.passes.analyze_layers import AnalyzeLayers  # passes import this module
+
+    gm = trace(model, example_inputs, leaf_modules=leaf_modules, frontend=frontend)
+    return AnalyzeLayers(exclude=exclude)(gm).details
+
+
 def get_root(gm: torch.fx.GraphModule) -> nn.Module:
     """The module that owns the layers of ``gm``: ``gm.meta["vbxfx.root"]`` or ``gm`` itself."""
     return gm.meta.get(ROOT_KEY, gm)
@@ -161,22 +187,21 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 def _symbolic_trace(root: nn.Module, inputs: tuple, leaf_types: tuple[type, ...],
                     leaf_names: frozenset[str]) -> torch.fx.GraphModule:
     tracer = _LeafTracer(leaf_types, leaf_names)
-    with _restored_state(root):
+    with preserved_state(root):
         graph = tracer.trace(root)
         gm = torch.fx.GraphModule(tracer.root, graph, type(root).__name__)
         # A graph that traced but cannot run on the inputs (shape-specialised code, a wrong
         # input) is a failure too: torch.export gets its turn and the error reports both.
-        with torch.no_grad():
-            gm(*inputs)
+        run_shapes_only(gm, inputs)
     return gm
 
 
 def _export(root: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
     # torch.export leaves FakeTensors in plain attributes that forward() caches (ultralytics'
-    # Detect.anchors); _restored_state puts the copy's own values back.
+    # Detect.anchors); preserved_state puts the copy's own values back.
     noise = io.StringIO()
     try:
-        with _restored_state(root), _quiet_torch_logs(), contextlib.redirect_stderr(noise):
+        with preserved_state(root), _quiet_torch_logs(), contextlib.redirect_stderr(noise):
             ep = torch.export.export(root, inputs, strict=False)
     finally:
         if noise.getvalue():
@@ -184,8 +209,33 @@ def _export(root: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
     return ep.module()
 
 
+def run_shapes_only(fn: Any, inputs: tuple, *, fallback: bool = True, fake: bool = True) -> Any:
+    """Run ``fn(*inputs)`` on FakeTensors (shapes without arithmetic), under ``no_grad``.
+
+    Parameters stay real; FakeTensorMode fakes them as they are used. When the fake run
+    fails (an op without a fake kernel, a data-dependent ``.item()``) and ``fallback`` is
+    true, ``fn`` runs again on the real inputs, whose error, if any, is the one raised.
+    ``fake=False`` runs on the real inputs straight away.
+    """
+    if not fake:
+        with torch.no_grad():
+            return fn(*inputs)
+    try:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fakes = tuple(mode.from_tensor(t) for t in inputs)
+        with mode, torch.no_grad():
+            return fn(*fakes)
+    except Exception as e:
+        if not fallback:
+            raise
+        logger.debug("fake-tensor run failed (%s: %s); running on real tensors",
+                     type(e).__name__, _one_line(e))
+    with torch.no_grad():
+        return fn(*inputs)
+
+
 @contextlib.contextmanager
-def _restored_state(root: nn.Module) -> Iterator[None]:
+def preserved_state(root: nn.Module) -> Iterator[None]:
     """Eval mode during the block; afterwards every submodule's plain attributes as before."""
     saved = [(m, {k: v for k, v in vars(m).items() if k not in _MANAGED})
              for m in root.modules()]

@@ -1,0 +1,280 @@
+"""Typed records of the layers AnalyzeLayers finds: :class:`LayerInfo` and :class:`LayerTable`.
+
+A ``LayerInfo`` describes one Conv/Linear layer (or one call of it: the pass writes a per-call
+record into ``node.meta["vbxfx.layer"]`` and aggregates the calls per layer in the table).
+MAC counts are for batch 1:
+
+- ``macs``: standard multiply-accumulates, ``O * I/groups * kh*kw * H_out*W_out`` per call
+  (``in_features * out_features * positions`` for Linear), summed over calls;
+- ``hw_macs[R]``: the VectorBlox count at repeat ``R`` (4 dense, 2, 1) from
+  :func:`vbxfx.format.cost.hardware_macs`, which pads input channels to blocks of 8.
+
+>>> from vbxfx.layers import LayerInfo, LayerTable
+>>> conv = LayerInfo(name="conv", kind="conv2d", node_name="conv", weight_shape=(8, 3, 3, 3),
+...                  in_shape=(1, 3, 8, 8), out_shape=(1, 8, 6, 6), calls=1, in_channels=3,
+...                  out_channels=8, groups=1, kernel_positions=9, output_positions=36,
+...                  macs=7776, hw_macs={4: 20736, 2: 10368, 1: 5184}, params=224,
+...                  eligible=True)
+>>> table = LayerTable([conv])
+>>> table.total_macs, table.hw_macs(), table.hw_macs({"conv": 1})
+(7776, 20736, 5184)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from torch import nn
+
+from vbxfx.errors import ConfigError
+from vbxfx.format.cost import REPEATS, check_repeat
+
+__all__ = ["LayerInfo", "LayerTable", "KINDS", "LINEAR_NOTE", "LAYER_TYPES", "module_kind"]
+
+#: The ``kind`` values a LayerInfo can have.
+KINDS = ("conv2d", "linear", "conv1d", "conv3d", "conv_transpose", "functional_conv2d",
+         "functional_linear")
+#: The ``note`` every Linear layer carries (VBX_FORMAT.md, "Which layers").
+LINEAR_NOTE = ("Linear is treated as a 1x1 convolution (blocks along in_features); the "
+               "savings hold where the toolchain maps it to a convolution")
+
+
+_MODULE_KINDS: tuple[tuple[type, str], ...] = (
+    (nn.modules.conv._ConvTransposeNd, "conv_transpose"),
+    (nn.Conv1d, "conv1d"),
+    (nn.Conv2d, "conv2d"),
+    (nn.Conv3d, "conv3d"),
+    (nn.Linear, "linear"),
+)
+#: Module types reported as layers (vbxfx.trace keeps them, and their subclasses, as leaves).
+LAYER_TYPES: tuple[type, ...] = tuple(t for t, _ in _MODULE_KINDS)
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """The LayerInfo kind of a module, or None when it is not a Conv/Linear layer.
+
+    >>> module_kind(nn.Conv2d(3, 8, 3)), module_kind(nn.ReLU())
+    ('conv2d', None)
+    """
+    for cls, kind in _MODULE_KINDS:
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """One Conv/Linear layer of a traced model, with its MAC cost at batch 1.
+
+    ``output_positions`` is per call and per batch element: ``H_out*W_out`` for a Conv2d, the
+    product of the output dims other than batch and features for a Linear (the tokens of a
+    ViT block, 1 for a classifier head). For a transposed convolution ``macs`` counts the
+    input positions, each of which scatters a whole kernel. ``eligible`` says whether the
+    VectorBlox structured format can compress the layer; when not, ``reason`` says why.
+    """
+
+    name: str
+    kind: str
+    node_name: str
+    weight_shape: tuple[int, ...]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    calls: int
+    in_channels: int
+    out_channels: int
+    groups: int
+    kernel_positions: int
+    output_positions: int
+    macs: int
+    hw_macs: dict[int, int] = dataclasses.field(hash=False)
+    params: int
+    eligible: bool
+    reason: str | None = None
+    note: str | None = None
+    #: The fx node of every call, in graph order (``node_name`` is the first).
+    node_names: tuple[str, ...] = ()
+    #: The module's class name, or the function for a functional call.
+    module_type: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"LayerInfo {self.name!r}: kind must be one of {KINDS}, "
+                              f"got {self.kind!r}")
+        if not self.node_names:
+            object.__setattr__(self, "node_names", (self.node_name,))
+
+    def cost(self, repeat: int = 4) -> int:
+        """Hardware MACs at ``repeat``; an ineligible layer stays dense at its full ``macs``.
+
+        >>> LayerInfo("fc", "linear", "fc", (10, 4), (1, 4), (1, 10), 1, 4, 10, 1, 1, 1, 40,
+        ...           {4: 80, 2: 40, 1: 20}, 50, True).cost(2)
+        40
+        """
+        check_repeat(repeat)
+        return self.hw_macs[repeat] if self.eligible else self.macs
+
+    def merged(self, other: LayerInfo) -> LayerInfo:
+        """This layer with the calls of ``other`` (the same layer called again) added."""
+        return dataclasses.replace(
+            self,
+            calls=self.calls + other.calls,
+            macs=self.macs + other.macs,
+            hw_macs={r: self.hw_macs[r] + other.hw_macs[r] for r in self.hw_macs},
+            node_names=self.node_names + other.node_names,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict (tuples become lists); :meth:`from_dict` reads it back."""
+        d = dataclasses.asdict(self)
+        for key, value in d.items():
+            if isinstance(value, tuple):
+                d[key] = list(value)
+        d["hw_macs"] = {int(r): int(v) for r, v in self.hw_macs.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerInfo:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"LayerInfo.from_dict: unknown keys {unknown}; known: {sorted(known)}")
+        kw = dict(d)
+        for key in ("weight_shape", "in_shape", "out_shape", "node_names"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        kw["hw_macs"] = {int(r): int(v) for r, v in kw["hw_macs"].items()}
+        return cls(**kw)
+
+
+class LayerTable:
+    """The layers of a model in graph order, keyed by fully-qualified name.
+
+    >>> table = vbxfx.analyze(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+    ... # doctest: +SKIP
+    >>> table.total_macs, len(table), table["fc"].kind                   # doctest: +SKIP
+    (1814073344, 21, 'linear')
+    """
+
+    def __init__(self, layers: Iterable[LayerInfo] = ()):
+        self._layers: dict[str, LayerInfo] = {}
+        for layer in layers:
+            if layer.name in self._layers:
+                raise ConfigError(f"LayerTable: layer {layer.name!r} given twice; merge its "
+                                  "calls with LayerInfo.merged")
+            self._layers[layer.name] = layer
+
+    # ----------------------------------------------------------------- collection
+    def __iter__(self) -> Iterator[LayerInfo]:
+        return iter(self._layers.values())
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._layers
+
+    def __getitem__(self, name: str) -> LayerInfo:
+        try:
+            return self._layers[name]
+        except KeyError:
+            raise KeyError(self._unknown(name)) from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LayerTable) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return (f"LayerTable({len(self)} layers, {len(self.eligible())} eligible, "
+                f"{self.total_macs:,} MACs)")
+
+    def names(self) -> list[str]:
+        return list(self._layers)
+
+    def eligible(self) -> list[LayerInfo]:
+        """The layers the structured format can compress."""
+        return [layer for layer in self if layer.eligible]
+
+    # ----------------------------------------------------------------- totals
+    @property
+    def total_macs(self) -> int:
+        """Standard MACs of every layer, batch 1."""
+        return sum(layer.macs for layer in self)
+
+    @property
+    def eligible_macs(self) -> int:
+        """Standard MACs of the eligible layers."""
+        return sum(layer.macs for layer in self if layer.eligible)
+
+    def hw_macs(self, repeat_by_layer: Mapping[str, int] | None = None) -> int:
+        """Hardware MAC total with the given repeats per layer name.
+
+        Layers not listed are dense (repeat 4). Ineligible layers stay dense whatever is
+        listed for them and count their standard ``macs`` (see :meth:`LayerInfo.cost`).
+
+        Raises:
+            ConfigError: an unknown layer name (the message lists the closest names).
+            FormatError: a repeat other than 1, 2 or 4.
+        """
+        repeats = dict(repeat_by_layer or {})
+        for name, repeat in repeats.items():
+            if name not in self._layers:
+                raise ConfigError(self._unknown(name))
+            check_repeat(repeat)
+        return sum(layer.cost(repeats.get(layer.name, 4)) for layer in self)
+
+    # ----------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [layer.to_dict() for layer in self],
+            "total_macs": self.total_macs,
+            "eligible_macs": self.eligible_macs,
+            "hw_macs_dense": self.hw_macs(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerTable:
+        if "layers" not in d:
+            raise ConfigError("LayerTable.from_dict needs a 'layers' list (from to_dict())")
+        return cls(LayerInfo.from_dict(x) for x in d["layers"])
+
+    def to_json(self, **kw: Any) -> str:
+        kw.setdefault("indent", 2)
+        return json.dumps(self.to_dict(), **kw)
+
+    @classmethod
+    def from_json(cls, text: str) -> LayerTable:
+        return cls.from_dict(json.loads(text))
+
+    # ----------------------------------------------------------------- text
+    def __str__(self) -> str:
+        header = ("layer", "kind", "weight", "out", "calls", "MACs",
+                  *(f"hw@R{r}" for r in sorted(REPEATS, reverse=True)), "eligible")
+        rows = [header]
+        for layer in self:
+            rows.append((
+                layer.name or "(root)", layer.kind, "x".join(map(str, layer.weight_shape)),
+                "x".join(map(str, layer.out_shape)), str(layer.calls), f"{layer.macs:,}",
+                *(f"{layer.hw_macs[r]:,}" for r in sorted(REPEATS, reverse=True)),
+                "yes" if layer.eligible else f"no: {layer.reason}",
+            ))
+        numeric = {4, 5, 6, 7, 8}
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+        lines = []
+        for row in rows:
+            cells = [row[i].rjust(w) if i in numeric else row[i].ljust(w)
+                     for i, w in enumerate(widths)]
+            lines.append("  ".join(cells + [row[-1]]).rstrip())
+        lines.insert(1, "-" * (sum(widths) + 2 * len(widths) + len(header[-1])))
+        lines.append(
+            f"{len(self)} layers, {len(self.eligible())} eligible; MACs {self.total_macs:,} "
+            f"(eligible {self.eligible_macs:,}); hardware MACs dense {self.hw_macs():,}"
+        )
+        return "\n".join(lines)
+
+    def _unknown(self, name: object) -> str:
+        close = difflib.get_close_matches(str(name), self.names(), n=3)
+        return (f"no layer named {name!r} in this table of {len(self)} layers"
+                + (f"; closest: {close}" if close else ""))
