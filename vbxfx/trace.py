@@ -24,6 +24,7 @@ import linecache
 import logging
 import os
 import types
+import warnings
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -200,13 +201,18 @@ def _export(root: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
     # torch.export leaves FakeTensors in plain attributes that forward() caches (ultralytics'
     # Detect.anchors); preserved_state puts the copy's own values back.
     noise = io.StringIO()
-    try:
-        with preserved_state(root), _quiet_torch_logs(), contextlib.redirect_stderr(noise):
-            ep = torch.export.export(root, inputs, strict=False)
-    finally:
-        if noise.getvalue():
-            logger.debug("torch.export wrote to stderr:\n%s", noise.getvalue())
-    return ep.module()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with preserved_state(root), _quiet_torch_logs(), contextlib.redirect_stderr(noise):
+                ep = torch.export.export(root, inputs, strict=False)
+            gm = ep.module()
+        finally:
+            for w in caught:  # e.g. "tensor attributes assigned during export": restored here
+                logger.debug("torch.export warned: %s", w.message)
+            if noise.getvalue():
+                logger.debug("torch.export wrote to stderr:\n%s", noise.getvalue())
+    return gm
 
 
 def run_shapes_only(fn: Any, inputs: tuple, *, fallback: bool = True, fake: bool = True) -> Any:
