@@ -62,8 +62,6 @@ _FUNCTIONS: dict[Any, tuple[str, bool | None, str]] = {
     _aten.convolution.default: ("conv", None, "F.conv2d"),
     _aten._convolution.default: ("conv", None, "F.conv2d"),
 }
-_READS_VALUES = {_aten.item.default, _aten._local_scalar_dense.default, torch.Tensor.item,
-                 torch.Tensor.tolist}
 for _d in (1, 2, 3):
     for _overload in ("default", "padding"):
         _FUNCTIONS[getattr(getattr(_aten, f"conv{_d}d"), _overload)] = ("conv", False, f"F.conv{_d}d")
@@ -117,12 +115,10 @@ class AnalyzeLayers(GraphPass):
             recorder.run(*xs)
             return recorder
 
-        # Shapes are all the analysis needs: FakeTensors make it cheap, unless the graph reads
-        # tensor values (ultralytics' export graph calls .item()).
-        fake = not any(n.op == "call_function" and n.target in _READS_VALUES
-                       for n in gm.graph.nodes)
+        # Shapes are all the analysis needs: FakeTensors give them without the arithmetic.
+        # A graph whose shapes depend on values (nonzero...) runs again on real tensors.
         with eval_mode(gm), preserved_state(root):
-            recorder = run_shapes_only(record, tuple(inputs), fake=fake)
+            recorder = run_shapes_only(record, tuple(inputs))
         if recorder.hidden:
             logger.warning(
                 "%d leaf module(s) hold Conv/Linear layers that run inside them and are not "
@@ -385,6 +381,10 @@ def _others_sharing(root: nn.Module, param_fqn: str, owners: dict[int, list[str]
     return others
 
 
+class _SymbolicShape(RuntimeError):
+    """A fake-tensor run met a data-dependent shape; the real run takes over."""
+
+
 def _write_tensor_meta(n: torch.fx.Node, result: Any) -> None:
     """``node.meta["tensor_meta"]`` as ShapeProp writes it (tuples for tuple results)."""
     found = False
@@ -393,6 +393,9 @@ def _write_tensor_meta(n: torch.fx.Node, result: Any) -> None:
         nonlocal found
         if isinstance(obj, torch.Tensor):
             found = True
+            if not all(isinstance(s, int) for s in obj.shape):
+                raise _SymbolicShape(f"{n.format_node()} has the data-dependent shape "
+                                     f"{tuple(obj.shape)}")
             try:
                 return _extract_tensor_metadata(obj)
             except Exception:  # exotic tensors: the shape is all vbxfx needs

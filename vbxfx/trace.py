@@ -31,6 +31,7 @@ import torch
 import torch.fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from vbxfx.errors import ConfigError, TraceError
 from vbxfx.layers import LAYER_TYPES
@@ -227,8 +228,11 @@ def run_shapes_only(fn: Any, inputs: tuple, *, fallback: bool = True, fake: bool
         with torch.no_grad():
             return fn(*inputs)
     try:
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        fakes = tuple(mode.from_tensor(t) for t in inputs)
+        # A ShapeEnv that allows scalar outputs lets ``.item()`` (ultralytics' export graph
+        # has a few) return a symbol instead of failing; tensor shapes stay static.
+        mode = FakeTensorMode(allow_non_fake_inputs=True,
+                              shape_env=ShapeEnv(allow_scalar_outputs=True))
+        fakes = tuple(mode.from_tensor(t, static_shapes=True) for t in inputs)
         with mode, torch.no_grad():
             return fn(*fakes)
     except Exception as e:
