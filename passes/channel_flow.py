@@ -288,6 +288,8 @@ class _Builder:
             self.visit_reshape(n, name)
         elif name == "slice" or name == "narrow":
             self.visit_slice(n)
+        elif name == "select":
+            self.visit_select(n)
         elif self.same_shape(n, name):
             self.visit_unary(n)
         else:
@@ -496,6 +498,18 @@ class _Builder:
         node = self.add_node(f"split:{n.name}", "split", channels=out[dim], offset=start)
         self.connect(flow, node, "split", out[dim], start)
         self.state[n] = _Flow(node, dim)
+
+    def visit_select(self, n: torch.fx.Node) -> None:
+        """aten.select(x, dim, index): ``x[:, 0]`` in export graphs."""
+        x = n.args[0]
+        flow, shape = self.flow_of(x), self.shape(x)
+        if flow is None or shape is None:
+            return
+        dim = _arg(n, 1, "dim", 0) % len(shape)
+        if dim == flow.dim:
+            self.opaque(n, [(flow, x)])
+        else:
+            self.state[n] = self.passed(n, flow, flow.dim - (1 if dim < flow.dim else 0))
 
     def visit_reshape(self, n: torch.fx.Node, name: str) -> None:
         x = n.args[0]
