@@ -1,0 +1,324 @@
+"""What VBXConv2d and VBXLinear share: the pattern, its projection, its refresh, its state.
+
+A compressed layer keeps its **dense** weight as the trainable Parameter ``weight`` and a
+pattern in buffers (``mask``, ``pair_index``, ``pair_sign``, ``vbx_repeat``). Forward uses
+the compressed weight ``P(w) = a*w + b*w.flatten()[idx]``: the least-squares projection of the
+dense weight onto the pattern (masked weights zeroed, each pair replaced by its common
+signed magnitude), precomputed as coefficients ``a``, ``b`` and a gather index ``idx``.
+
+**The update.** ``P`` is linear, so the gradient that reaches the dense weight is the exact
+gradient of the loss with respect to it: ``P(grad)``. This is the straight-through-style
+update of sparse fine-tuning: the optimizer steps the dense weight, forward always sees its
+projection. Kept weights get their gradient, the two weights of a pair the average of their
+(sign-mirrored) gradients, pruned weights none (weight decay aside, they keep their
+values), so they can come back when the pattern is recomputed. ``P`` is an orthogonal
+projection, hence self-adjoint: the backward pass is the same single gather as the forward
+(``idx`` pairs each weight with its partner and itself otherwise), never a scatter-add.
+
+**The pattern policy** counts *forwards in training mode with gradients enabled* (one per
+optimizer step in the usual loop) and recomputes the optimal pattern from the dense weight
+(the kernel's exact projection, then its encoding) before the forward that follows every
+``refresh_every`` counted ones. With gradient accumulation over k micro-batches, the pattern
+changes every ``refresh_every / k`` optimizer steps: scale the setting. ``refresh_every=None``
+keeps the pattern fixed; :meth:`~CompressedMixin.freeze` fixes it for good. The counter is
+plain Python state (no device sync) saved in ``state_dict`` through ``get_extra_state``, so a
+checkpoint resumes exactly; under ``torch.compile`` the counter runs outside the graph
+(``torch.compiler.disable``). Under multi-GPU ``nn.DataParallel`` the replicas count, not the
+module: call :func:`vbxfx.modules.refresh_patterns` yourself there (on CPU or one GPU
+DataParallel calls the module directly and the counter works).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import nn
+
+from vbxfx.errors import ConfigError, FormatError
+from vbxfx.format import (PairEncoding, encode_unstructured, encode_weight, pattern_coefficients,
+                          project_unstructured, project_weight, weight_repeat)
+
+__all__ = ["CompressedMixin", "DEFAULT_REFRESH_EVERY", "FORMATS"]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("comp", "ucomp")
+#: Training forwards between pattern refreshes. Measured on the digits fine-tuning of
+#: tests/test_finetune.py (see the numbers there): PLACEHOLDER.
+DEFAULT_REFRESH_EVERY = 100
+_UNSET: Any = object()  # "repeat not given": 2 for "comp", nothing for "ucomp"
+_STATE_VERSION = 1
+
+
+class _PatternProjection(torch.autograd.Function):
+    """``a*w + b*w.flatten()[idx]`` with the same projection as its backward (self-adjoint)."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b, idx)
+        return _project(w, a, b, idx)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        a, b, idx = ctx.saved_tensors
+        return _PatternProjection.apply(grad, a, b, idx), None, None, None
+
+
+def _project(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    partner = w.reshape(-1).index_select(0, idx).view(w.shape)
+    # a, b are in {0, 1/2, 1} and {0, +-1/2}: both products are exact, so the two weights
+    # of a pair get bit-identical magnitudes (the sum is the same one, up to sign).
+    return torch.addcmul(a * w, b, partner)
+
+
+def check_config(weight: torch.Tensor, fmt: Any, repeat: Any, compression: Any, pairing: Any,
+                 refresh_every: Any) -> tuple[str, int, float | None]:
+    """Validate the options of a compressed layer; return ``(fmt, repeat, compression)``."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if not isinstance(pairing, bool):
+        raise ConfigError(f"pairing must be True or False, got {pairing!r}")
+    if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(
+            refresh_every, numbers.Integral) or refresh_every < 1):
+        raise ConfigError(f"refresh_every must be a positive number of training steps or None "
+                          f"(fixed pattern), got {refresh_every!r}")
+    if fmt == "ucomp":
+        if repeat is not _UNSET and repeat is not None:
+            raise ConfigError(f"repeat={repeat!r} does not apply to fmt='ucomp' (the "
+                              "unstructured format has no repeat); give compression=")
+        if isinstance(compression, bool) or not isinstance(compression, numbers.Real) \
+                or not math.isfinite(compression) or not 0.0 <= compression <= 1.0:
+            raise ConfigError(f"fmt='ucomp' needs compression, the fraction of multiplies "
+                              f"removed in [0, 1], got {compression!r}")
+        return fmt, 0, float(compression)
+    if compression is not None:
+        raise ConfigError(f"compression={compression!r} applies to fmt='ucomp' only; the "
+                          "structured format takes repeat=2 (2:4) or repeat=1 (1:4)")
+    if repeat is _UNSET:
+        repeat = 2
+    if repeat is None:
+        repeat = weight_repeat(weight.detach(), quantize=False)
+        if repeat == 4:
+            raise ConfigError("repeat=None takes the repeat the weight already fits, but it "
+                              "fits only repeat 4 (dense); give repeat=2 (2:4) or repeat=1 (1:4)")
+    if isinstance(repeat, bool) or repeat not in (1, 2):
+        raise ConfigError(f"repeat must be 2 (2:4), 1 (1:4) or None (the repeat the weight "
+                          f"already fits), got {repeat!r}; repeat 4 is dense: leave the layer "
+                          "as it is")
+    return fmt, int(repeat), None
+
+
+class CompressedMixin:
+    """Pattern buffers, projection, refresh and state of a compressed layer (see module doc)."""
+
+    weight: nn.Parameter
+
+    # ------------------------------------------------------------------ setup
+    def _vbx_setup(self, fmt: str, repeat: int, compression: float | None, pairing: bool,
+                   refresh_every: int | None) -> None:
+        w = self.weight
+        self._vbx_compression = compression
+        self._vbx_pairing = pairing
+        self._vbx_refresh_every = refresh_every
+        self._vbx_frozen = False
+        self._vbx_steps = 0
+        self._vbx_paired = False
+        if not hasattr(self, "_vbx_name"):
+            self._vbx_name = ""
+        shape, dev = w.shape, w.device
+        self.register_buffer("mask", torch.zeros(shape, dtype=torch.bool, device=dev))
+        self.register_buffer("pair_index", torch.full(shape, -1, dtype=torch.int64, device=dev))
+        self.register_buffer("pair_sign", torch.zeros(shape, dtype=torch.int8, device=dev))
+        self.register_buffer("vbx_repeat", torch.tensor(repeat, dtype=torch.int64, device=dev))
+        # the projection's coefficients: derived from the four above, rebuilt on load
+        self.register_buffer("vbx_coef_a", torch.zeros(shape, dtype=w.dtype, device=dev),
+                             persistent=False)
+        self.register_buffer("vbx_coef_b", torch.zeros(shape, dtype=w.dtype, device=dev),
+                             persistent=False)
+        self.register_buffer("vbx_gather_index", torch.zeros(w.numel(), dtype=torch.int64,
+                                                             device=dev), persistent=False)
+        self._vbx_set_pattern(self._vbx_optimal_pattern())
+
+    # ------------------------------------------------------------------ the format
+    @property
+    def fmt(self) -> str:
+        """``"comp"`` (structured, repeat 1 or 2) or ``"ucomp"`` (unstructured)."""
+        return "ucomp" if int(self.vbx_repeat) == 0 else "comp"
+
+    @property
+    def repeat(self) -> int:
+        """1 or 2 in the structured format, 0 in the unstructured one."""
+        return int(self.vbx_repeat)
+
+    @property
+    def compression(self) -> float | None:
+        """Fraction of multiplies removed (``"ucomp"``); None in the structured format."""
+        return self._vbx_compression
+
+    @property
+    def pairing(self) -> bool:
+        return self._vbx_pairing
+
+    @property
+    def refresh_every(self) -> int | None:
+        """Training forwards between refreshes; None when the pattern is fixed or frozen."""
+        return None if self._vbx_frozen else self._vbx_refresh_every
+
+    @property
+    def frozen(self) -> bool:
+        return self._vbx_frozen
+
+    def encoding(self) -> PairEncoding:
+        """The current pattern (copies of the buffers) as a PairEncoding."""
+        return PairEncoding(self.repeat, self.mask.clone(), self.pair_index.clone(),
+                            self.pair_sign.clone(), self.fmt)
+
+    def compressed_weight(self) -> torch.Tensor:
+        """The effective weight, in the format: the dense weight projected onto the pattern.
+
+        Differentiable: its gradient reaches ``weight`` (see the module docstring).
+        """
+        w = self.weight
+        if not self._vbx_paired:
+            return self.vbx_coef_a * w
+        if torch.is_grad_enabled() and w.requires_grad:
+            return _PatternProjection.apply(w, self.vbx_coef_a, self.vbx_coef_b,
+                                            self.vbx_gather_index)
+        return _project(w, self.vbx_coef_a, self.vbx_coef_b, self.vbx_gather_index)
+
+    @torch.no_grad()
+    def projection_error(self) -> float:
+        """``||w - P(w)||² / ||w||²`` of the dense weight and its compressed weight."""
+        w = self.weight.detach().float()
+        norm = float(w.square().sum())
+        err = float((w - self.compressed_weight().float()).square().sum())
+        return err / norm if norm > 0 else 0.0
+
+    # ------------------------------------------------------------------ pattern policy
+    @torch.no_grad()
+    def refresh_pattern(self) -> None:
+        """Recompute the optimal pattern from the current dense weight and reset the counter.
+
+        Raises:
+            ConfigError: the layer was frozen with :meth:`freeze`.
+            FormatError: the dense weight holds NaN/Inf (training diverged).
+        """
+        if self._vbx_frozen:
+            raise ConfigError(f"{self._vbx_label()}: the pattern was frozen with freeze(); it "
+                              "cannot be recomputed (build a new layer with from_dense)")
+        self._vbx_set_pattern(self._vbx_optimal_pattern())
+        self._vbx_steps = 0
+
+    def freeze(self) -> "CompressedMixin":
+        """Fix the current pattern for good: no more refreshes, saved in ``state_dict``."""
+        self._vbx_frozen = True
+        return self
+
+    @torch.compiler.disable
+    def _vbx_tick(self) -> None:
+        """Count one training forward; refresh first when ``refresh_every`` have passed."""
+        if self._vbx_steps >= self._vbx_refresh_every:
+            self.refresh_pattern()
+            logger.debug("%s: pattern refreshed", self._vbx_label())
+        self._vbx_steps += 1
+
+    def _vbx_maybe_tick(self) -> None:
+        if self.training and self._vbx_refresh_every is not None and not self._vbx_frozen \
+                and torch.is_grad_enabled():
+            self._vbx_tick()
+
+    # ------------------------------------------------------------------ internals
+    def _vbx_label(self) -> str:
+        return f"{type(self).__name__} {self._vbx_name!r}" if self._vbx_name \
+            else type(self).__name__
+
+    def _vbx_optimal_pattern(self) -> PairEncoding:
+        w = self.weight.detach().to("cpu", torch.float32)
+        try:
+            if int(self.vbx_repeat) == 0:
+                enc = encode_unstructured(project_unstructured(w, self._vbx_compression,
+                                                               pairing=self._vbx_pairing))
+            else:
+                repeat = int(self.vbx_repeat)
+                enc = encode_weight(project_weight(w, repeat, pairing=self._vbx_pairing), repeat)
+        except FormatError as e:
+            raise FormatError(f"{self._vbx_label()}: {e}") from e
+        if not self._vbx_pairing:  # plain magnitude masks: no ties between kept weights
+            enc = dataclasses.replace(enc, pair_index=torch.full_like(enc.pair_index, -1),
+                                      pair_sign=torch.zeros_like(enc.pair_sign))
+        return enc
+
+    @torch.no_grad()
+    def _vbx_set_pattern(self, enc: PairEncoding) -> None:
+        # New tensors, never in-place writes: a graph still waiting for its backward keeps
+        # the coefficients it was built with.
+        dev = self.weight.device
+        self.mask = enc.mask.to(dev, torch.bool)
+        self.pair_index = enc.pair_index.to(dev, torch.int64)
+        self.pair_sign = enc.pair_sign.to(dev, torch.int8)
+        self._vbx_rebuild_coefficients()
+
+    @torch.no_grad()
+    def _vbx_rebuild_coefficients(self) -> None:
+        """(a, b, idx) from the pattern buffers, checked to be a symmetric pairing."""
+        n = self.mask.numel()
+        index = self.pair_index.reshape(-1)
+        if self.mask.shape != self.weight.shape or self.pair_index.shape != self.weight.shape \
+                or self.pair_sign.shape != self.weight.shape:
+            raise FormatError(f"{self._vbx_label()}: pattern buffers of shape "
+                              f"{tuple(self.mask.shape)} do not match the weight "
+                              f"{tuple(self.weight.shape)}")
+        if n and (int(index.min()) < -1 or int(index.max()) >= n):
+            raise FormatError(f"{self._vbx_label()}: pair_index holds values outside "
+                              f"[-1, {n}); it must index weight.flatten()")
+        enc = PairEncoding(self.repeat, self.mask, self.pair_index, self.pair_sign, self.fmt)
+        a, b, idx = pattern_coefficients(enc)
+        idx, b_flat = idx.reshape(-1), b.reshape(-1)
+        if not torch.equal(idx[idx], torch.arange(n, device=idx.device)) \
+                or not torch.equal(b_flat[idx], b_flat):
+            raise FormatError(f"{self._vbx_label()}: pair_index/pair_sign are not symmetric "
+                              "(the partner of a weight's partner must be the weight, with the "
+                              "same sign relation)")
+        dtype = self.weight.dtype
+        self.vbx_coef_a = a.to(dtype)
+        self.vbx_coef_b = b.to(dtype)
+        self.vbx_gather_index = idx.to(torch.int32 if n < 2 ** 31 else torch.int64)
+        self._vbx_paired = bool((self.pair_index >= 0).any())
+
+    # ------------------------------------------------------------------ state_dict
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"version": _STATE_VERSION, "refresh_every": self._vbx_refresh_every,
+                "frozen": self._vbx_frozen, "steps": self._vbx_steps,
+                "pairing": self._vbx_pairing, "compression": self._vbx_compression}
+
+    def set_extra_state(self, state: Any) -> None:
+        keys = {"version", "refresh_every", "frozen", "steps", "pairing", "compression"}
+        if not isinstance(state, dict) or set(state) != keys \
+                or state["version"] != _STATE_VERSION:
+            raise ConfigError(f"{self._vbx_label()}: unreadable vbxfx layer state {state!r} "
+                              f"(expected the keys {sorted(keys)}, version {_STATE_VERSION})")
+        self._vbx_refresh_every = state["refresh_every"]
+        self._vbx_frozen = bool(state["frozen"])
+        self._vbx_steps = int(state["steps"])
+        self._vbx_pairing = bool(state["pairing"])
+        self._vbx_compression = state["compression"]
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        error_msgs = args[-1]
+        try:
+            self._vbx_rebuild_coefficients()
+        except FormatError as e:
+            error_msgs.append(f"{prefix or 'root'}: {e}")
+
+    def _vbx_extra_repr(self) -> str:
+        level = f"repeat={self.repeat}" if self.fmt == "comp" else \
+            f"compression={self._vbx_compression:g}"
+        policy = "frozen" if self._vbx_frozen else f"refresh_every={self._vbx_refresh_every}"
+        return f"fmt={self.fmt!r}, {level}, pairing={self._vbx_pairing}, {policy}"
