@@ -98,15 +98,20 @@ def feasible_structures(repeat: int):
     return out
 
 
-def brute_force_error(block, repeat: int) -> float:
-    """Least squared error over all feasible structures (the true optimum)."""
+def brute_force_error(block, repeat: int, importance=None) -> float:
+    """Least (importance-weighted) squared error over all feasible structures: the optimum.
+
+    A tied pair (i, j, s) is best at the weighted mean magnitude and then costs
+    ``h_i h_j (w_i - s w_j)^2 / (h_i + h_j)``.
+    """
     w = np.asarray(block, dtype=np.float64)
+    h = np.ones(8) if importance is None else np.asarray(importance, dtype=np.float64)
     best = np.inf
-    q = w * w
+    q = h * w * w
     total = q.sum()
     for singles, pairs in feasible_structures(repeat):
         kept = sum(q[k] for k in singles)
         for i, j, s in pairs:
-            kept += q[i] + q[j] - (w[i] - s * w[j]) ** 2 / 2
+            kept += q[i] + q[j] - h[i] * h[j] * (w[i] - s * w[j]) ** 2 / (h[i] + h[j])
         best = min(best, total - kept)
     return float(best)

@@ -46,6 +46,18 @@ def test_projection_is_optimal_against_brute_force(block, repeat):
 
 @pytest.mark.parametrize("repeat", [1, 2])
 @SETTINGS
+@given(block=blocks, h=st.lists(st.sampled_from([0.1, 0.5, 1.0, 2.0, 7.0]), min_size=8, max_size=8))
+def test_importance_weighted_projection_is_optimal_and_fits(block, h, repeat):
+    w = torch.tensor([block], dtype=torch.float32).t().contiguous()
+    hw = torch.tensor([h], dtype=torch.float32).t().contiguous()
+    out = project_blocks(w, repeat, importance=hw)[:, 0].tolist()
+    assert ref.fits(out, repeat)
+    got = float(np.sum(np.asarray(h) * (np.asarray(block, np.float64) - np.asarray(out)) ** 2))
+    assert got == pytest.approx(ref.brute_force_error(block, repeat, h), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("repeat", [1, 2])
+@SETTINGS
 @given(block=blocks)
 def test_projection_is_idempotent(block, repeat):
     once = _project(block, repeat)

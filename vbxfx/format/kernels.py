@@ -39,19 +39,36 @@ def _sel(m, nm, a, b, out=None):
     return torch.addcmul(b * nm, a, m, out=out) if out is not None else torch.addcmul(b * nm, a, m)
 
 
-def _costs(x, y, qx2, qy2):
-    """Doubled costs of a pair: (drop the smaller, keep with same sign, keep opposite)."""
+def _conductance(hx, hy):
+    """``2*hx*hy/(hx+hy)``: doubled cost per squared gap of tying two weighted weights."""
+    return (hx * hy).mul_(2).div_(hx + hy)
+
+
+def _costs(x, y, qx2, qy2, c=None):
+    """Doubled costs of a pair: (drop the smaller, keep with same sign, keep opposite).
+
+    ``qx2 = 2*hx*x²``; ``c`` is the pair's conductance (None: unit importance, c = 1).
+    """
     drop = torch.minimum(qx2, qy2)
-    return drop, (x - y).square_(), (x + y).square_()
+    same, opp = (x - y).square_(), (x + y).square_()
+    if c is not None:
+        same.mul_(c)
+        opp.mul_(c)
+    return drop, same, opp
 
 
 class _Pair:
     """One chosen pair of one row, with everything needed to apply the row's relation."""
 
-    def __init__(self, x, y):
-        self.x, self.y = x, y
+    def __init__(self, x, y, hx=None, hy=None):
+        self.x, self.y, self.hx, self.hy = x, y, hx, hy
         self.qx, self.qy = (x * x).mul_(2), (y * y).mul_(2)
-        self.drop, self.d_same, self.d_opp = _costs(x, y, self.qx, self.qy)
+        c = None
+        if hx is not None:
+            self.qx.mul_(hx)
+            self.qy.mul_(hy)
+            c = _conductance(hx, hy)
+        self.drop, self.d_same, self.d_opp = _costs(x, y, self.qx, self.qy, c)
 
     def cost(self, opp):
         return torch.minimum(self.d_opp if opp else self.d_same, self.drop)
@@ -62,7 +79,10 @@ class _Pair:
         navg = _not(avg)
         kx = torch.ge(self.qx, self.qy, out=torch.empty_like(d)).mul_(navg)
         ky = navg.sub_(kx)
-        m = (self.y * sgn).add_(self.x).mul_(0.5)
+        if self.hx is None:      # least-squares common magnitude: the plain mean
+            m = (self.y * sgn).add_(self.x).mul_(0.5)
+        else:                    # importance-weighted mean
+            m = (self.y * sgn).mul_(self.hy).add_(self.x * self.hx).div_(self.hx + self.hy)
         ma = m.mul_(avg)
         xo = torch.addcmul(ma, self.x, kx)
         yo = torch.addcmul(ma * sgn, self.y, ky)
@@ -77,13 +97,19 @@ def _row(pl, ph):
     return pl.apply(opp, nopp, sgn), ph.apply(opp, nopp, sgn)
 
 
-def _pair_costs_all(w, q2):
+def _pair_costs_all(w, q2, h=None):
     e_same, e_opp = [], []
     for i, j in _PAIRS:
-        drop, ds, do = _costs(w[i], w[j], q2[i], q2[j])
+        c = None if h is None else _conductance(h[i], h[j])
+        drop, ds, do = _costs(w[i], w[j], q2[i], q2[j], c)
         e_same.append(torch.minimum(ds, drop, out=ds))
         e_opp.append(torch.minimum(do, drop, out=do))
     return e_same, e_opp
+
+
+def _energy2(w, h):
+    q2 = (w * w).mul_(2)
+    return q2 if h is None else q2.mul_(h)
 
 
 def _argmin2(a, b):
@@ -91,14 +117,15 @@ def _argmin2(a, b):
     return _lt(b, a), torch.minimum(a, b)
 
 
-def project_r2(w):
-    q2 = (w * w).mul_(2)
-    e_s, e_o = _pair_costs_all(w, q2)
+def project_r2(w, h=None):
+    """Exact projection of ``[8, n]`` blocks onto repeat 2 (``h``: importance, same shape)."""
+    q2 = _energy2(w, h)
+    e_s, e_o = _pair_costs_all(w, q2, h)
     tot = []
     for c in range(8):
-        t1, h = c // 4, c % 4
-        a = torch.minimum(e_s[t1] + e_s[4 + h], e_o[t1] + e_o[4 + h])
-        b = torch.minimum(e_s[3 - t1] + e_s[7 - h], e_o[3 - t1] + e_o[7 - h])
+        t1, th = c // 4, c % 4
+        a = torch.minimum(e_s[t1] + e_s[4 + th], e_o[t1] + e_o[4 + th])
+        b = torch.minimum(e_s[3 - t1] + e_s[7 - th], e_o[3 - t1] + e_o[7 - th])
         tot.append(a.add_(b))
     b3, v1 = zip(*(_argmin2(tot[2 * k], tot[2 * k + 1]) for k in range(4)))
     b2, v2 = zip(*(_argmin2(v1[2 * k], v1[2 * k + 1]) for k in range(2)))
@@ -108,10 +135,17 @@ def project_r2(w):
     nt2 = _not(t2)
     t3 = _sel(t1, nt1, _sel(t2, nt2, b3[3], b3[2]), _sel(t2, nt2, b3[1], b3[0]))
     nt3 = _not(t3)
-    row_a = _row(_Pair(w[0], _sel(t1, nt1, w[3], w[2])),
-                 _Pair(_sel(t2, nt2, w[5], w[4]), _sel(t3, nt3, w[7], w[6])))
-    row_b = _row(_Pair(w[1], _sel(t1, nt1, w[2], w[3])),
-                 _Pair(_sel(t2, nt2, w[4], w[5]), _sel(t3, nt3, w[6], w[7])))
+
+    def pairs(v):
+        """Row A's and row B's (L, H) pairs of ``v`` (weights or importances) for the split."""
+        if v is None:
+            return (None,) * 8
+        return (v[0], _sel(t1, nt1, v[3], v[2]), _sel(t2, nt2, v[5], v[4]), _sel(t3, nt3, v[7], v[6]),
+                v[1], _sel(t1, nt1, v[2], v[3]), _sel(t2, nt2, v[4], v[5]), _sel(t3, nt3, v[6], v[7]))
+
+    x, hh = pairs(w), pairs(h)
+    row_a = _row(_Pair(x[0], x[1], hh[0], hh[1]), _Pair(x[2], x[3], hh[2], hh[3]))
+    row_b = _row(_Pair(x[4], x[5], hh[4], hh[5]), _Pair(x[6], x[7], hh[6], hh[7]))
     (al, ah), (bl, bh) = row_a, row_b
     out = torch.empty_like(w)
     out[0].copy_(al[0])
@@ -133,9 +167,10 @@ def _argmin4(x):
     return bi, _sel(bi, _not(bi), bj1, bj0), v
 
 
-def project_r1(w):
-    q2 = (w * w).mul_(2)
-    e_s, e_o = _pair_costs_all(w, q2)
+def project_r1(w, h=None):
+    """Exact projection of ``[8, n]`` blocks onto repeat 1 (``h``: importance, same shape)."""
+    q2 = _energy2(w, h)
+    e_s, e_o = _pair_costs_all(w, q2, h)
     others = [q2[a] + q2[b] for a, b in _OTHERS]
     best = {}
     for opp, e in ((0, e_s), (1, e_o)):
@@ -150,16 +185,20 @@ def project_r1(w):
         j = _sel(opp, nopp, best[1, half][1], best[0, half][1])
         ni, nj = _not(i), _not(j)
         k = 4 * half
-        pair = _Pair(_sel(i, ni, w[k + 1], w[k]), _sel(j, nj, w[k + 3], w[k + 2]))
+        hx = hy = None
+        if h is not None:
+            hx, hy = _sel(i, ni, h[k + 1], h[k]), _sel(j, nj, h[k + 3], h[k + 2])
+        pair = _Pair(_sel(i, ni, w[k + 1], w[k]), _sel(j, nj, w[k + 3], w[k + 2]), hx, hy)
         xo, yo = pair.apply(opp, nopp, sgn)
         torch.mul(xo, ni, out=out[k]); torch.mul(xo, i, out=out[k + 1])
         torch.mul(yo, nj, out=out[k + 2]); torch.mul(yo, j, out=out[k + 3])
     return out
 
 
-def magnitude(w, repeat):
-    """Keep the ``repeat`` largest of each 4 consecutive weights (ties: lower index)."""
-    mag = w.abs()
+def magnitude(w, repeat, h=None):
+    """Keep the ``repeat`` largest of each 4 consecutive weights (ties: lower index);
+    with importance ``h`` the largest ``h*w²`` (Wanda-style score)."""
+    mag = w.abs() if h is None else (w * w).mul_(h)
     out = torch.empty_like(w)
     for g in (0, 4):
         rank = [torch.zeros_like(w[0]) for _ in range(4)]

@@ -36,30 +36,32 @@ _IDX = {name: torch.tensor(v) for name, v in dict(
 CHUNK = 1 << 17
 
 
-def magnitude_blocks(w: torch.Tensor, repeat: int, chunk: int = CHUNK) -> torch.Tensor:
+def magnitude_blocks(w: torch.Tensor, repeat: int, chunk: int = CHUNK) -> torch.Tensor:  # noqa: D401
     """Plain N:4 magnitude pruning of ``[8, n]`` blocks: keep the ``repeat`` largest of
     every 4 consecutive input channels (2:4 at repeat 2, 1:4 at repeat 1), no pairing."""
     return project_blocks(w, repeat, pairing=False, chunk=chunk)
 
 
 def project_blocks(w: torch.Tensor, repeat: int, pairing: bool = True,
-                   chunk: int = CHUNK) -> torch.Tensor:
+                   chunk: int = CHUNK, importance: torch.Tensor | None = None) -> torch.Tensor:
     """Project ``[8, n]`` float32 blocks onto ``repeat`` (1, 2; 4 returns a copy).
 
     With ``pairing=False`` this is plain magnitude N:4 pruning (the baseline).
+    ``importance`` (``[8, n]``, positive) weights the squared error of each weight.
     """
     if repeat == 4:
         return w.clone()
     if not pairing:
-        fn = lambda x: magnitude(x, repeat)  # noqa: E731
+        fn = lambda x, h: magnitude(x, repeat, h)  # noqa: E731
     else:
         fn = project_r2 if repeat == 2 else project_r1
     n = w.shape[1]
     if n <= chunk:
-        return fn(w.contiguous())
+        return fn(w.contiguous(), None if importance is None else importance.contiguous())
     out = torch.empty_like(w)
     for start in range(0, n, chunk):
-        out[:, start:start + chunk] = fn(w[:, start:start + chunk].contiguous())
+        h = None if importance is None else importance[:, start:start + chunk].contiguous()
+        out[:, start:start + chunk] = fn(w[:, start:start + chunk].contiguous(), h)
     return out
 
 

@@ -29,8 +29,30 @@ def _blocks_t(weight: torch.Tensor) -> torch.Tensor:
     return to_blocks(weight).t().contiguous()
 
 
+def _importance_blocks(importance: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-input-channel ``[I]`` or full-shape importance -> ``[8, n]`` blocks (validated)."""
+    if not isinstance(importance, torch.Tensor):
+        raise FormatError(f"importance must be a torch.Tensor, got {type(importance).__name__}")
+    h = importance.detach().to(torch.float32, copy=True).to(weight.device)
+    i = weight.shape[1]
+    if h.dim() == 1 and h.numel() == i:
+        h = h.view((1, i) + (1,) * (weight.dim() - 2)).expand(weight.shape)
+    elif tuple(h.shape) != tuple(weight.shape):
+        raise FormatError(f"importance of shape {tuple(importance.shape)} fits neither the "
+                          f"{i} input channels nor the weight shape {tuple(weight.shape)}")
+    if not bool(torch.isfinite(h).all()) or bool((h < 0).any()):
+        raise FormatError("importance must be finite and non-negative")
+    top = float(h.max())
+    if top <= 0:
+        return None
+    # a zero importance (a dead channel) would make every value equally good: keep it tiny
+    h = h.clamp(min=top * 1e-6)
+    return to_blocks(h, pad_value=1.0).t().contiguous()
+
+
 @torch.no_grad()
-def project_weight(weight: torch.Tensor, repeat: int, pairing: bool = True) -> torch.Tensor:
+def project_weight(weight: torch.Tensor, repeat: int, pairing: bool = True,
+                   importance: torch.Tensor | None = None) -> torch.Tensor:
     """The least-squares-nearest weight that fits ``repeat`` (1 or 2; 4 returns a copy).
 
     Exact per block: every split into rows, every sign relation, pair-or-drop for every
@@ -38,24 +60,39 @@ def project_weight(weight: torch.Tensor, repeat: int, pairing: bool = True) -> t
     (keep 2 of 4 at repeat 2, 1 of 4 at repeat 1). The result has the input's shape, dtype
     and device; computation is in float32.
 
+    ``importance`` makes the objective ``sum(h * (w - w')**2)``: give the mean squared input
+    activation per input channel (shape ``[I]``, a diagonal of the layer's Hessian, measured
+    on calibration data) and the projection minimises the layer's output error instead of
+    its weight error; pairs then share the importance-weighted mean magnitude. Without it
+    every weight counts the same.
+
     Raises:
-        FormatError: bad rank, empty, non-finite weight, or repeat not in (1, 2, 4).
+        FormatError: bad rank, empty, non-finite weight, repeat not in (1, 2, 4), or an
+            importance of the wrong shape or with negative/non-finite values.
     """
     check_weight(weight)
     check_repeat(repeat)
-    projected = project_blocks(_blocks_t(weight), repeat, pairing=pairing)
+    h = None if importance is None else _importance_blocks(importance, weight)
+    projected = project_blocks(_blocks_t(weight), repeat, pairing=pairing, importance=h)
     # ``+ 0.0`` turns the -0.0 that masking can leave into +0.0
     return from_blocks(projected.t(), weight.shape).add_(0.0).to(weight.dtype)
 
 
 def projection_error(weight: torch.Tensor, repeat: int, pairing: bool = True,
-                     relative: bool = True) -> float:
-    """Squared error of :func:`project_weight` (relative to ``||w||²`` by default)."""
+                     relative: bool = True, importance: torch.Tensor | None = None) -> float:
+    """Squared error of :func:`project_weight` (relative to ``||w||²`` by default),
+    importance-weighted when ``importance`` is given."""
     w = weight.detach().to(torch.float32)
-    err = float((w - project_weight(w, repeat, pairing).float()).square().sum())
+    diff2 = (w - project_weight(w, repeat, pairing, importance).float()).square()
+    w2 = w.square()
+    if importance is not None:
+        h = importance.detach().float().to(w.device)
+        h = h.view((1, -1) + (1,) * (w.dim() - 2)) if h.dim() == 1 else h
+        diff2, w2 = diff2 * h, w2 * h
+    err = float(diff2.sum())
     if not relative:
         return err
-    norm = float(w.square().sum())
+    norm = float(w2.sum())
     return err / norm if norm > 0 else 0.0
 
 
