@@ -64,7 +64,8 @@ _FUNCTIONS: dict[Any, tuple[str, bool | None, str]] = {
 }
 for _d in (1, 2, 3):
     for _overload in ("default", "padding"):
-        _FUNCTIONS[getattr(getattr(_aten, f"conv{_d}d"), _overload)] = ("conv", False, f"F.conv{_d}d")
+        _op = getattr(getattr(_aten, f"conv{_d}d"), _overload)
+        _FUNCTIONS[_op] = ("conv", False, f"F.conv{_d}d")
     _packet = getattr(_aten, f"conv_transpose{_d}d")
     for _overload in _packet.overloads():
         _FUNCTIONS[getattr(_packet, _overload)] = ("conv", True, f"F.conv_transpose{_d}d")

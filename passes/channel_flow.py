@@ -25,7 +25,7 @@ convolutions...; the same names from both front ends).
 >>> gm = vbxfx.trace(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))  # doctest: +SKIP
 >>> AnalyzeLayers()(gm); flow = ChannelFlow()(gm).details                          # doctest: +SKIP
 >>> flow.edges["layer1.0.conv1", "layer1.0.conv2"]                                 # doctest: +SKIP
-{'kind': 'unchanged', 'channels': 64, 'offset': 0, 'offsets': (0,), 'through': ('layer1.0.bn1', 'layer1.0.relu')}
+{'kind': 'unchanged', 'channels': 64, 'offset': 0, 'offsets': (0,), 'through': ('layer1.0.bn1',)}
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ _CAT = frozenset("cat concat concatenate".split())
 _STACK = frozenset("stack".split())
 _SPLIT = {"chunk": "chunk", "split": "split", "split_with_sizes": "split",
           "tensor_split": "split", "unbind": "split"}
-_VIEW = frozenset("reshape view _unsafe_view flatten unflatten squeeze unsqueeze expand view_as reshape_as "
-                  "expand_as".split())
+_VIEW = frozenset("reshape view _unsafe_view flatten unflatten squeeze unsqueeze expand "
+                  "expand_as view_as reshape_as".split())
 _PERMUTE = frozenset("permute transpose t swapaxes swapdims movedim".split())
 _REDUCE = frozenset("mean sum amax amin nansum std var logsumexp".split())
 _SAME_MODULES: tuple[type, ...] = (

@@ -141,7 +141,8 @@ class LayerInfo:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"LayerInfo.from_dict: unknown keys {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"LayerInfo.from_dict: unknown keys {unknown}; "
+                              f"known: {sorted(known)}")
         kw = dict(d)
         for key in ("weight_shape", "in_shape", "out_shape", "node_names"):
             if key in kw:
