@@ -6,6 +6,8 @@ from vbxfx.format import (PairEncoding, Violation, apply_encoding, encode_weight
                           quantize_int8, unstructured_macs, weight_repeat)
 from vbxfx.layers import LayerInfo, LayerTable
 from vbxfx.trace import analyze, trace
+from vbxfx.export import ExportReport, export_onnx, read_annotations
+from vbxfx.check import CheckReport, check_onnx
 
 __version__ = "0.1.0"
 
@@ -15,4 +17,5 @@ __all__ = [
     "project_unstructured", "project_weight", "projection_error", "quantize_int8",
     "unstructured_macs", "weight_repeat",
     "trace", "analyze", "LayerInfo", "LayerTable",
+    "export_onnx", "read_annotations", "ExportReport", "check_onnx", "CheckReport",
 ]

@@ -1,0 +1,170 @@
+"""onnxruntime vs torch on input sets: the numerical part of :func:`vbxfx.check_onnx`.
+
+An output passes when ``max|onnx - torch| <= atol + rtol * max|torch|``: the tolerance
+scales with the output's own magnitude, so a near-zero element of a large output does not
+need the impossible relative accuracy an element-wise test would ask of it.
+
+>>> out = np.array([1.0, 2.0]); ref = np.array([1.0, 2.0001])
+>>> max_abs, max_rel, ok = compare_arrays(out, ref, rtol=1e-4, atol=0.0)
+>>> round(max_abs, 6), round(max_rel, 6), ok
+(0.0001, 5e-05, True)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from vbxfx.errors import CheckError
+
+__all__ = ["compare", "compare_arrays", "run_onnx", "run_torch", "ORT_DTYPES"]
+
+logger = logging.getLogger(__name__)
+
+#: onnxruntime's input type strings and the numpy dtypes they take.
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
+              "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+              "tensor(bool)": np.bool_}
+
+
+def compare_arrays(out: np.ndarray, ref: np.ndarray, rtol: float, atol: float
+                   ) -> tuple[float, float, bool]:
+    """``(max_abs, max_rel, ok)`` of ``out`` against the reference ``ref``."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    if out.shape != ref.shape:
+        return float("inf"), float("inf"), False
+    if out.size == 0:
+        return 0.0, 0.0, True
+    if not (np.isnan(out) == np.isnan(ref)).all():
+        return float("inf"), float("inf"), False
+    diff = np.abs(out - ref)
+    diff[np.isnan(ref) | (np.isinf(ref) & (out == ref))] = 0.0
+    finite = np.isfinite(ref)
+    max_abs = float(diff.max())
+    scale = float(np.abs(ref[finite]).max()) if finite.any() else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    return max_abs, max_rel, bool(max_abs <= atol + rtol * scale)
+
+
+def _input_specs(session) -> list[tuple[str, tuple, Any]]:
+    specs = []
+    for i in session.get_inputs():
+        dims = tuple(d if isinstance(d, int) and d >= 0 else None for d in (i.shape or ()))
+        specs.append((i.name, dims, ORT_DTYPES.get(i.type)))
+    return specs
+
+
+def _validate(label: str, arrays: tuple, specs: list) -> dict[str, np.ndarray]:
+    if len(arrays) != len(specs):
+        raise CheckError(f"{label}: {len(arrays)} array(s) given, the ONNX model takes "
+                         f"{len(specs)} input(s) ({', '.join(s[0] for s in specs)})")
+    feed = {}
+    for array, (name, dims, dtype) in zip(arrays, specs):
+        want = "[" + ",".join("?" if d is None else str(d) for d in dims) + "]"
+        bad_shape = array.ndim != len(dims) or any(d is not None and d != s
+                                                   for d, s in zip(dims, array.shape))
+        if bad_shape:
+            raise CheckError(f"{label}: input {name!r} expects shape {want}, got "
+                             f"{list(array.shape)}")
+        if dtype is not None and array.dtype != dtype:
+            raise CheckError(f"{label}: input {name!r} expects {np.dtype(dtype).name}, got "
+                             f"{array.dtype.name}")
+        feed[name] = np.ascontiguousarray(array)
+    return feed
+
+
+def _random_sets(specs: list, example: tuple | None, n: int, seed: int) -> list[tuple[str, tuple]]:
+    if n == 0:
+        return []
+    shapes = []
+    for k, (name, dims, dtype) in enumerate(specs):
+        if example is not None and k < len(example):
+            shapes.append(tuple(example[k].shape))
+        elif any(d is None for d in dims):
+            raise CheckError(f"input {name!r} has dynamic dimensions {list(dims)}; pass "
+                             "example_inputs to give the shape of the random inputs")
+        else:
+            shapes.append(dims)
+    rng = np.random.default_rng(seed)
+    sets = []
+    for r in range(n):
+        arrays = []
+        for (name, dims, dtype), shape in zip(specs, shapes):
+            dtype = dtype or np.float32
+            if np.issubdtype(dtype, np.floating):
+                arrays.append(rng.standard_normal(shape).astype(dtype))
+            elif dtype == np.bool_:
+                arrays.append(rng.integers(0, 2, shape).astype(bool))
+            else:
+                arrays.append(rng.integers(0, 10, shape).astype(dtype))
+        sets.append((f"random[{r}]", tuple(arrays)))
+    return sets
+
+
+def run_onnx(session, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return session.run(None, feed)
+
+
+def run_torch(model: torch.nn.Module, arrays: tuple) -> list[np.ndarray]:
+    """The model's tensor outputs, flattened in pytree order (as the exporters flatten them)."""
+    from torch.utils._pytree import tree_flatten
+
+    from vbxfx.trace import preserved_state
+
+    with preserved_state(model), torch.no_grad():
+        out = model(*(torch.from_numpy(np.array(a)) for a in arrays))
+    leaves, _ = tree_flatten(out)
+    return [t.detach().cpu().numpy() for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def compare(path: str, torch_model: torch.nn.Module | None, sets: list[tuple[str, tuple]],
+            example: Any, n_random: int, seed: int, report) -> None:
+    """Run every input set through onnxruntime (and torch); append rows and problems."""
+    import onnxruntime as ort
+
+    from vbxfx.check import OutputRow
+
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        report.problems.append(f"onnxruntime cannot load the model: {str(e).strip()[:300]}")
+        return
+    specs = _input_specs(session)
+    feeds = [(label, _validate(label, arrays, specs)) for label, arrays in sets]
+    example_set = next((arrays for label, arrays in sets if label == "example_inputs"), None)
+    feeds += [(label, _validate(label, arrays, specs))
+              for label, arrays in _random_sets(specs, example_set, n_random, seed)]
+    names = [o.name for o in session.get_outputs()]
+    for label, feed in feeds:
+        try:
+            outs = run_onnx(session, feed)
+        except Exception as e:
+            report.problems.append(f"onnxruntime fails on {label}: {str(e).strip()[:300]}")
+            continue
+        if torch_model is None:
+            continue
+        try:
+            refs = run_torch(torch_model, tuple(feed.values()))
+        except Exception as e:
+            report.problems.append(f"the torch model fails on {label}: {type(e).__name__}: "
+                                   f"{str(e).strip()[:300]}")
+            continue
+        if len(refs) != len(outs):
+            report.problems.append(f"{label}: the torch model returns {len(refs)} tensor(s), the "
+                                   f"ONNX model {len(outs)} output(s)")
+            continue
+        for name, out, ref in zip(names, outs, refs):
+            max_abs, max_rel, ok = compare_arrays(out, ref, report.rtol, report.atol)
+            report.outputs.append(OutputRow(label, name, max_abs, max_rel, ok))
+            if not ok:
+                detail = (f"shape {list(out.shape)} vs torch {list(ref.shape)}"
+                          if out.shape != ref.shape else
+                          f"max abs error {max_abs:.3g}, max rel error {max_rel:.3g} > atol "
+                          f"{report.atol:g} + rtol {report.rtol:g} * max|torch|")
+                report.problems.append(f"{label}: output {name!r} differs from torch: {detail}")

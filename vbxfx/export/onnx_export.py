@@ -1,0 +1,400 @@
+"""Export a compressed model to ONNX with standard operators and the vbxfx annotations.
+
+Which exporter (``dynamo=None``, the default, chooses per model):
+
+* the TorchScript exporter (``dynamo=False``) for ordinary models: it is fast and, in eval
+  mode, folds BatchNorm into the preceding Conv;
+* the dynamo exporter (``dynamo=True``, ``torch.export``) for models that need it: those
+  built from ``ultralytics`` modules, and any model the TorchScript exporter fails on.
+
+Both work on a deep copy of the model, so the caller's model (and an ultralytics Detect
+head's cached anchors) is never touched. Each annotated layer is then found in the ONNX
+graph by its weight: the initializer named ``<fqn>.weight``, the node's module path
+(dynamo's ``pkg.torch.onnx.name_scopes``, TorchScript's ``/a/a.0/conv/Conv`` node names),
+and always a value match up to one scale per output channel (a folded BatchNorm).
+
+>>> import torch, tempfile, os, vbxfx
+>>> from vbxfx.export.annotations import LayerAnnotation
+>>> conv = torch.nn.Conv2d(8, 8, 3)
+>>> with torch.no_grad():
+...     _ = conv.weight.copy_(vbxfx.project_weight(conv.weight, 2))
+>>> notes = {"": LayerAnnotation("", "comp", 2, vbxfx.encode_weight(conv.weight, 2))}
+>>> path = os.path.join(tempfile.mkdtemp(), "conv.onnx")
+>>> report = export_onnx(conv, torch.randn(1, 8, 16, 16), path, annotations=notes)
+>>> report.exporter, list(report.layers)
+('torchscript', [''])
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from vbxfx.errors import ConfigError, ExportError, VbxError
+from vbxfx.export.annotations import (LAYERS_KEY, PRODUCER_KEY, SCHEMA, SCHEMA_KEY, LayerAnnotation,
+                                      encode_layer, normalize_annotations)
+from vbxfx.export.graph import OnnxGraph, WeightRef
+from vbxfx.export.verify import verify_layer
+
+__all__ = ["export_onnx", "ExportReport", "choose_exporter", "map_layers"]
+
+logger = logging.getLogger(__name__)
+
+_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_onnx` wrote: file, exporter, opset, ``{fqn: node name}``."""
+
+    path: str
+    exporter: str                                   # "torchscript" or "dynamo"
+    opset: int
+    layers: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    size_bytes: int = 0
+
+    def __str__(self) -> str:
+        return (f"exported {self.path} ({self.size_bytes / 1e6:.1f} MB) with the {self.exporter} "
+                f"exporter, opset {self.opset}, {len(self.layers)} annotated layer(s), "
+                f"{self.seconds:.1f} s")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "exporter": self.exporter, "opset": self.opset,
+                "layers": dict(self.layers), "seconds": self.seconds,
+                "size_bytes": self.size_bytes}
+
+
+def choose_exporter(model: nn.Module) -> bool:
+    """True (dynamo) for models built from ultralytics modules, else False (TorchScript)."""
+    return any(type(m).__module__.startswith("ultralytics") for m in model.modules())
+
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
+                annotations: Mapping[str, Any] | None = None, opset: int | None = None,
+                dynamo: bool | None = None, input_names: Sequence[str] | None = None,
+                output_names: Sequence[str] | None = None) -> ExportReport:
+    """Export ``model`` to ``path`` and annotate every compressed layer (see module docstring).
+
+    Args:
+        model: a model with VBX modules (finalized on a deep copy) or a plain model whose
+            compressed layers ``annotations`` describes.
+        example_inputs: a Tensor or a tuple of Tensors.
+        path: the ``.onnx`` file to write (its directory must exist).
+        annotations: ``{fqn: LayerAnnotation or PairEncoding}`` for plain models.
+        opset: ONNX opset (None: the exporter's default).
+        dynamo: True/False forces the exporter; None chooses (module docstring).
+
+    Raises:
+        ExportError: the model cannot be copied or exported, a layer is not found in the
+            ONNX graph, or its weight does not hold its annotation (the message names it).
+        ConfigError: a bad argument.
+    """
+    start = time.perf_counter()
+    inputs = _check_args(model, example_inputs, path, opset, dynamo)
+    path = os.fspath(path)
+    try:
+        work = copy.deepcopy(model)
+    except Exception as e:
+        raise ExportError(f"could not deep-copy {type(model).__name__} before exporting "
+                          f"({type(e).__name__}: {e}); vbxfx never exports the caller's model") from e
+    work, notes = _finalize(work, annotations)
+    _check_layers(work, notes)
+    use_dynamo = choose_exporter(work) if dynamo is None else dynamo
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=directory)
+    os.close(fd)
+    try:
+        used = _export(model, work, inputs, tmp, opset, use_dynamo, dynamo is None,
+                       input_names, output_names)
+        proto = onnx.load(tmp)
+        layers = annotate(proto, work, notes)
+        onnx.save(proto, tmp)
+        try:
+            onnx.checker.check_model(tmp, full_check=True)
+        except Exception as e:
+            raise ExportError(f"the exported model fails the ONNX checker: {e}") from e
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    report = ExportReport(path, used, int(opset_used), layers, time.perf_counter() - start,
+                          os.path.getsize(path))
+    logger.info("%s", report)
+    return report
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _check_args(model: Any, example_inputs: Any, path: Any, opset: Any, dynamo: Any) -> tuple:
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"export_onnx() takes an nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not (isinstance(example_inputs, (tuple, list)) and example_inputs
+            and all(isinstance(t, torch.Tensor) for t in example_inputs)):
+        raise ConfigError("example_inputs must be a Tensor or a tuple of Tensors, e.g. "
+                          f"torch.randn(1, 3, 224, 224); got {type(example_inputs).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"path must be a file name, got {type(path).__name__}")
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(directory):
+        raise ExportError(f"cannot write {os.fspath(path)!r}: directory {directory!r} does not exist")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
+        raise ConfigError(f"opset must be an int >= 7 or None, got {opset!r}")
+    if dynamo is not None and not isinstance(dynamo, bool):
+        raise ConfigError(f"dynamo must be True, False or None (choose), got {dynamo!r}")
+    return tuple(example_inputs)
+
+
+def _finalize(work: nn.Module, annotations: Mapping[str, Any] | None
+              ) -> tuple[nn.Module, dict[str, LayerAnnotation]]:
+    notes: dict[str, LayerAnnotation] = {}
+    try:
+        from vbxfx.modules import is_compressed
+    except ImportError:  # pragma: no cover - vbxfx.modules not installed
+        is_compressed = None
+    if is_compressed is not None and any(is_compressed(m) for m in work.modules()):
+        from vbxfx.passes.finalize import finalize
+
+        try:
+            work, found = finalize(work, inplace=True)
+        except VbxError as e:
+            raise ExportError(f"could not finalize the compressed layers: {e}") from e
+        notes.update(normalize_annotations(found))
+    if annotations is not None:
+        for name, ann in normalize_annotations(annotations).items():
+            if name in notes:
+                raise ExportError(f"layer {name!r} is a VBX module and also in annotations=; "
+                                  "give it once")
+            notes[name] = ann
+    if not notes:
+        logger.warning("no compressed layer to annotate: the ONNX file will carry the schema "
+                       "and no layer annotation")
+    return work, notes
+
+
+def _check_layers(work: nn.Module, notes: Mapping[str, LayerAnnotation]) -> None:
+    for name, ann in notes.items():
+        try:
+            layer = work.get_submodule(name)
+        except AttributeError as e:
+            raise ExportError(f"annotated layer {name!r} is not a submodule of "
+                              f"{type(work).__name__}") from e
+        ok = (isinstance(layer, nn.Conv2d) and layer.groups == 1) or isinstance(layer, nn.Linear)
+        if not ok:
+            raise ExportError(f"annotated layer {name!r} is a {type(layer).__name__}"
+                              + (f" with groups={layer.groups}" if isinstance(layer, nn.Conv2d) else "")
+                              + "; accepted are Conv2d with groups=1 and Linear")
+        if tuple(layer.weight.shape) != tuple(ann.encoding.mask.shape):
+            raise ExportError(f"layer {name!r}: weight {tuple(layer.weight.shape)} but annotation "
+                              f"for {tuple(ann.encoding.mask.shape)}")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress and warn freely; keep it in the debug log."""
+    out, err = io.StringIO(), io.StringIO()
+    chatty = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export",
+                                             "torch._export", "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in chatty]
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        warnings.simplefilter("always")
+        for lg in chatty:
+            lg.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for lg, level in zip(chatty, levels):
+                lg.setLevel(level)
+            for w in caught:
+                logger.debug("exporter warning: %s", w.message)
+            text = (out.getvalue() + err.getvalue()).strip()
+            if text:
+                logger.debug("exporter output:\n%s", text)
+
+
+def _export(original: nn.Module, work: nn.Module, inputs: tuple, tmp: str, opset: int | None,
+            dynamo: bool, may_fall_back: bool, input_names: Any, output_names: Any) -> str:
+    kwargs: dict[str, Any] = {"input_names": list(input_names) if input_names else None,
+                              "output_names": list(output_names) if output_names else None}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    work.eval()
+    if not dynamo:
+        try:
+            # a fresh copy for TorchScript keeps ``work`` clean for a dynamo retry
+            target = copy.deepcopy(work) if may_fall_back else work
+            with _quiet(), torch.no_grad():
+                torch.onnx.export(target, inputs, tmp, dynamo=False, **kwargs)
+            return "torchscript"
+        except Exception as e:
+            if not may_fall_back:
+                raise ExportError(f"the TorchScript exporter failed on {type(original).__name__}: "
+                                  f"{type(e).__name__}: {_one_line(e)}") from e
+            logger.info("TorchScript export of %s failed (%s); trying the dynamo exporter",
+                        type(original).__name__, _one_line(e))
+    try:
+        with _quiet():
+            torch.onnx.export(work, inputs, tmp, dynamo=True, **kwargs)
+    except Exception as e:
+        raise ExportError(f"the dynamo exporter failed on {type(original).__name__}: "
+                          f"{type(e).__name__}: {_one_line(e)}") from e
+    return "dynamo"
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def _torchscript_fqn(node_name: str) -> str | None:
+    """``/features/features.4/block/block.2/fc1/Conv`` -> ``features.4.block.2.fc1``."""
+    parts = [p for p in node_name.split("/") if p][:-1]
+    if not node_name.startswith("/") or not parts:
+        return None
+    pieces, prev = [], None
+    for p in parts:
+        pieces.append(p[len(prev) + 1:] if prev and p.startswith(prev + ".") else p)
+        prev = p
+    return ".".join(pieces)
+
+
+def _scopes(node: onnx.NodeProto) -> list[str]:
+    for prop in node.metadata_props:
+        if prop.key == _SCOPES_KEY:
+            try:
+                value = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return []
+            return [str(v) for v in value] if isinstance(value, (list, tuple)) else []
+    return []
+
+
+def proportional(torch_w: np.ndarray, onnx_w: np.ndarray, tol: float = 1e-5) -> bool:
+    """Whether ``onnx_w == s[o] * torch_w`` for one scale per output channel (BN folding)."""
+    if torch_w.shape != onnx_w.shape:
+        return False
+    a = torch_w.reshape(torch_w.shape[0], -1).astype(np.float64)
+    b = onnx_w.reshape(onnx_w.shape[0], -1).astype(np.float64)
+    if (b[a == 0] != 0).any():
+        return False
+    den = (a * a).sum(axis=1)
+    s = np.where(den > 0, (a * b).sum(axis=1) / np.where(den > 0, den, 1), 0.0)
+    resid = np.abs(b - s[:, None] * a).max(axis=1)
+    return bool((resid <= tol * np.abs(b).max(axis=1) + 1e-30).all())
+
+
+def map_layers(graph: OnnxGraph, work: nn.Module, names: Sequence[str]) -> dict[str, WeightRef]:
+    """The Conv/Gemm/MatMul node of every torch layer in ``names`` (see module docstring).
+
+    Raises:
+        ExportError: a layer whose weight no node of the graph holds.
+    """
+    refs = [r for r in (graph.weight(n) for n in graph.layer_nodes()) if r is not None]
+    taken: set[int] = set()
+    found: dict[str, WeightRef] = {}
+    for name in names:
+        w = work.get_submodule(name).weight.detach().to(torch.float32).cpu().numpy()
+        same_shape = [(i, r) for i, r in enumerate(refs)
+                      if i not in taken and r.torch_layout().shape == w.shape]
+
+        def hinted(item: tuple[int, WeightRef]) -> int:
+            r = item[1]
+            if r.source == f"{name}.weight":
+                return 0
+            if name in _scopes(r.node) or _torchscript_fqn(r.node.name) == name:
+                return 1
+            return 2
+
+        matches = [(hinted(c), c) for c in same_shape if proportional(w, c[1].torch_layout())]
+        if not matches:
+            shapes = sorted({str(r.torch_layout().shape) for r in refs})
+            raise ExportError(
+                f"layer {name!r}: no Conv/Gemm/MatMul node of the exported graph holds its weight "
+                f"{tuple(w.shape)} (not even up to a per-channel scale); nodes with constant "
+                f"weights have shapes {', '.join(shapes[:8])}{' ...' if len(shapes) > 8 else ''}")
+        matches.sort(key=lambda m: (m[0], m[1][0]))
+        hint, (i, ref) = matches[0]
+        if hint == 2 and len(matches) > 1:
+            logger.warning("layer %r: %d nodes hold proportional weights and none is named after "
+                           "it; annotating %r", name, len(matches), ref.node.name)
+        taken.add(i)
+        found[name] = ref
+    return found
+
+
+def annotate(proto: onnx.ModelProto, work: nn.Module,
+             notes: Mapping[str, LayerAnnotation]) -> dict[str, str]:
+    """Write the annotations of ``notes`` into ``proto`` (in place); return ``{fqn: node}``.
+
+    Raises:
+        ExportError: a layer not found, or an ONNX weight that does not hold its annotation.
+    """
+    graph = OnnxGraph(proto)
+    refs = map_layers(graph, work, list(notes))
+    names = {n.name for n in proto.graph.node}
+    seen: set[str] = set()
+    for node in proto.graph.node:  # unique, non-empty names for the layer nodes
+        if node.name in seen or not node.name:
+            node.name = _fresh(f"vbxfx_{node.op_type}", names)
+        seen.add(node.name)
+    layers = {}
+    for name, ann in notes.items():
+        ref = refs[name]
+        verdict = verify_layer(torch.from_numpy(ref.torch_layout().astype(np.float32)), ann,
+                               f"layer {name!r} (ONNX node {ref.node.name!r})")
+        if not verdict.ok:
+            raise ExportError("; ".join(verdict.problems))
+        props = encode_layer(ann, ref.input_name)
+        keep = [(p.key, p.value) for p in ref.node.metadata_props if not p.key.startswith("vbxfx.")]
+        del ref.node.metadata_props[:]
+        for key, value in keep + list(props.items()):
+            ref.node.metadata_props.add(key=key, value=value)
+        layers[name] = ref.node.name
+    _set_model_props(proto, {SCHEMA_KEY: SCHEMA, PRODUCER_KEY: _producer(),
+                             LAYERS_KEY: json.dumps(layers)})
+    return layers
+
+
+def _fresh(base: str, names: set[str]) -> str:
+    k = 0
+    while f"{base}_{k}" in names:
+        k += 1
+    names.add(f"{base}_{k}")
+    return f"{base}_{k}"
+
+
+def _producer() -> str:
+    from vbxfx import __version__
+    return f"vbxfx {__version__}"
+
+
+def _set_model_props(proto: onnx.ModelProto, values: Mapping[str, str]) -> None:
+    keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in values]
+    del proto.metadata_props[:]
+    for key, value in keep + list(values.items()):
+        proto.metadata_props.add(key=key, value=value)

@@ -1,0 +1,54 @@
+"""Helpers for users' own test suites.
+
+>>> import vbxfx.testing                                                      # doctest: +SKIP
+>>> vbxfx.testing.assert_onnx_equivalent(model, "model.onnx", torch.randn(1, 3, 224, 224))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from vbxfx.check import DEFAULT_ATOL, DEFAULT_RTOL
+
+__all__ = ["assert_onnx_equivalent"]
+
+
+def assert_onnx_equivalent(torch_model: torch.nn.Module, onnx_path: str | os.PathLike,
+                           inputs: Any, rtol: float = DEFAULT_RTOL,
+                           atol: float = DEFAULT_ATOL) -> None:
+    """Assert that onnxruntime and torch agree on ``inputs`` (a Tensor, a tuple of Tensors,
+    or a list of such sets): ``max|onnx - torch| <= atol + rtol * max|torch|`` per output.
+
+    Raises:
+        AssertionError: naming the input set, the output and its max abs / rel error.
+        vbxfx.CheckError: the file or the inputs cannot be used.
+    """
+    import onnxruntime as ort
+
+    from vbxfx.check import _input_sets
+    from vbxfx.export.numerics import _input_specs, _validate, compare_arrays, run_torch
+    from vbxfx.export.reader import load_onnx
+
+    load_onnx(onnx_path, load_external_data=False)  # one-line errors for missing / not ONNX
+    session = ort.InferenceSession(os.fspath(onnx_path), providers=["CPUExecutionProvider"])
+    specs = _input_specs(session)
+    names = [o.name for o in session.get_outputs()]
+    for label, arrays in _input_sets(inputs, None):
+        feed = _validate(label, arrays, specs)
+        outs = session.run(None, feed)
+        refs = run_torch(torch_model, tuple(feed.values()))
+        if len(outs) != len(refs):
+            raise AssertionError(f"{label}: the torch model returns {len(refs)} tensor(s), "
+                                 f"{onnx_path} {len(outs)} output(s)")
+        for name, out, ref in zip(names, outs, refs):
+            max_abs, max_rel, ok = compare_arrays(out, ref, rtol, atol)
+            if not ok:
+                raise AssertionError(
+                    f"{label}: output {name!r} of {os.fspath(onnx_path)} differs from torch: "
+                    f"max abs error {max_abs:.3g}, max rel error {max_rel:.3g} (shape "
+                    f"{list(np.shape(out))} vs {list(np.shape(ref))}; atol {atol:g}, "
+                    f"rtol {rtol:g} of max|torch|)")
