@@ -1,0 +1,7 @@
+"""``python -m vbxfx`` runs the command line."""
+
+import sys
+
+from vbxfx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""Text tables and plots of a compression report (the dict ``vbxfx.compress`` returns)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["format_report", "plot_allocation", "human"]
+
+
+def human(n: float) -> str:
+    """``1814073344 -> '1.81 G'``."""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def _level(row: dict[str, Any]) -> str:
+    if row.get("fmt") == "ucomp":
+        return f"ucomp {row.get('compression', 0):.2f}"
+    if row.get("fmt") == "dense" or not row.get("eligible", True):
+        return "dense"
+    return {1: "1:4 (R1)", 2: "2:4 (R2)", 4: "dense"}.get(row.get("repeat"), str(row.get("repeat")))
+
+
+def format_report(report: dict[str, Any], max_rows: int | None = None) -> str:
+    """Per-layer table (name, shape, level, MACs before/after, projection error, paired share)
+    and totals."""
+    rows = report["layers"]
+    head = ("layer", "shape", "level", "MACs before", "MACs after", "proj. err", "paired")
+    body = []
+    shown = rows if max_rows is None else rows[:max_rows]
+    for r in shown:
+        shape = "x".join(map(str, r.get("weight_shape", ()))) or "-"
+        dense = r.get("fmt") == "dense"
+        body.append((r["name"], shape, _level(r) if r.get("eligible", True) else f"dense ({r.get('reason')})",
+                     human(r["macs_before"]), human(r["macs_after"]),
+                     "-" if dense else f"{r.get('projection_error', 0):.4f}",
+                     "-" if dense else f"{100 * r.get('paired_fraction', 0):.0f}%"))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    right = {3, 4, 5, 6}
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [line(head), line(["-" * w for w in widths])]
+    out += [line(b) for b in body]
+    if max_rows is not None and len(rows) > max_rows:
+        out.append(f"... {len(rows) - max_rows} more layers (--json for all)")
+    t = report["totals"]
+    removed = t.get("macs_removed", 0.0)
+    ratio = t["macs_before"] / t["macs_after"] if t["macs_after"] else float("inf")
+    out.append("")
+    out.append(f"layers: {t['layers']} ({t['compressed']} compressed)   "
+               f"hardware MACs: {human(t['macs_before'])} -> {human(t['macs_after'])} "
+               f"({100 * removed:.1f}% removed, {ratio:.2f}x fewer)")
+    target = report.get("target")
+    if target is not None:
+        out.append(f"target: {target:.3f} of {report.get('budget')} removed, achieved "
+                   f"{report.get('achieved', 0):.3f} (sensitivity: {report.get('sensitivity')})")
+    return "\n".join(out)
+
+
+def plot_allocation(report: dict[str, Any], path: str) -> None:
+    """Bar chart of MACs per layer before and after, coloured by level, saved to ``path``.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install 'vbxfx[plot]'``).
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["layers"]
+    colors = {"1:4 (R1)": "#d62728", "2:4 (R2)": "#1f77b4", "dense": "#7f7f7f"}
+    fig, ax = plt.subplots(figsize=(max(8, 0.18 * len(rows)), 4.5))
+    xs = range(len(rows))
+    ax.bar(xs, [r["macs_before"] / 1e6 for r in rows], color="#dddddd", label="before")
+    levels = [_level(r) if r.get("eligible", True) else "dense" for r in rows]
+    ax.bar(xs, [r["macs_after"] / 1e6 for r in rows],
+           color=[colors.get(lv, "#2ca02c") for lv in levels], label="after")
+    for lv, c in colors.items():
+        ax.bar([], [], color=c, label=lv)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r["name"] for r in rows], rotation=90, fontsize=6)
+    ax.set_ylabel("hardware MMACs")
+    t = report["totals"]
+    ax.set_title(f"vbxfx allocation: {human(t['macs_before'])} -> {human(t['macs_after'])} MACs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
