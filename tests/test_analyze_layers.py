@@ -133,6 +133,7 @@ def test_tied_weights_are_ineligible(frontend):
     assert not table["a"].eligible and not table["b"].eligible
     assert table["c"].eligible
     assert table.hw_macs({"a": 1}) == 64 + 64 + table["c"].hw_macs[4]  # tied stay dense
+    assert str(table).splitlines()[2].split()[6:9] == ["64", "-", "-"]
 
 
 class Functional(nn.Module):
@@ -313,7 +314,9 @@ def test_layer_info_cost():
     info = LayerInfo("fc", "linear", "fc", (10, 4), (1, 4), (1, 10), 1, 4, 10, 1, 1, 1, 40,
                      {4: 80, 2: 40, 1: 20}, 50, True)
     assert (info.cost(), info.cost(2), info.cost(1)) == (80, 40, 20)
-    assert dataclasses.replace(info, eligible=False).cost(1) == 40
+    assert dataclasses.replace(info, eligible=False).cost(1) == 80  # dense, 4 channels pad to 8
+    depthwise = dataclasses.replace(info, kind="conv2d", groups=4, eligible=False)
+    assert depthwise.cost(1) == 40 and not depthwise.block_layout  # standard MACs
     assert info.node_names == ("fc",)
     assert LayerInfo.from_dict(info.to_dict()) == info
 

@@ -107,15 +107,28 @@ class LayerInfo:
         if not self.node_names:
             object.__setattr__(self, "node_names", (self.node_name,))
 
-    def cost(self, repeat: int = 4) -> int:
-        """Hardware MACs at ``repeat``; an ineligible layer stays dense at its full ``macs``.
+    @property
+    def block_layout(self) -> bool:
+        """True when the hardware reads the weight in blocks of 8 input channels: a Conv2d
+        with ``groups == 1`` or a Linear, eligible or not (excluded, tied, functional)."""
+        return self.groups == 1 and self.kind in (
+            "conv2d", "linear", "functional_conv2d", "functional_linear")
 
-        >>> LayerInfo("fc", "linear", "fc", (10, 4), (1, 4), (1, 10), 1, 4, 10, 1, 1, 1, 40,
-        ...           {4: 80, 2: 40, 1: 20}, 50, True).cost(2)
-        40
+    def cost(self, repeat: int = 4) -> int:
+        """Hardware MACs at ``repeat``. An ineligible layer stays dense whatever ``repeat``:
+        ``hw_macs[4]`` (with the channel padding) when it has the block layout, else its
+        standard ``macs`` (depthwise, grouped, transposed, 1-D and 3-D convolutions, for
+        which the format gives no padding rule).
+
+        >>> fc = LayerInfo("fc", "linear", "fc", (10, 4), (1, 4), (1, 10), 1, 4, 10, 1, 1, 1,
+        ...                40, {4: 80, 2: 40, 1: 20}, 50, True)
+        >>> fc.cost(2), dataclasses.replace(fc, eligible=False, reason="excluded by user").cost(2)
+        (40, 80)
         """
         check_repeat(repeat)
-        return self.hw_macs[repeat] if self.eligible else self.macs
+        if self.eligible:
+            return self.hw_macs[repeat]
+        return self.hw_macs[4] if self.block_layout else self.macs
 
     def merged(self, other: LayerInfo) -> LayerInfo:
         """This layer with the calls of ``other`` (the same layer called again) added."""
@@ -213,7 +226,7 @@ class LayerTable:
         """Hardware MAC total with the given repeats per layer name.
 
         Layers not listed are dense (repeat 4). Ineligible layers stay dense whatever is
-        listed for them and count their standard ``macs`` (see :meth:`LayerInfo.cost`).
+        listed for them (see :meth:`LayerInfo.cost`).
 
         Raises:
             ConfigError: an unknown layer name (the message lists the closest names).
@@ -258,7 +271,8 @@ class LayerTable:
             rows.append((
                 layer.name or "(root)", layer.kind, "x".join(map(str, layer.weight_shape)),
                 "x".join(map(str, layer.out_shape)), str(layer.calls), f"{layer.macs:,}",
-                *(f"{layer.hw_macs[r]:,}" for r in sorted(REPEATS, reverse=True)),
+                *(f"{layer.cost(r):,}" if layer.eligible or r == 4 else "-"
+                  for r in sorted(REPEATS, reverse=True)),
                 "yes" if layer.eligible else f"no: {layer.reason}",
             ))
         numeric = {4, 5, 6, 7, 8}
