@@ -65,7 +65,8 @@ def _finalize_in(containers: list[nn.Module]) -> dict[str, LayerAnnotation]:
     return notes
 
 
-def finalize(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, dict[str, LayerAnnotation]]:
+def finalize(model: nn.Module, *,
+             inplace: bool = False) -> tuple[nn.Module, dict[str, LayerAnnotation]]:
     """Replace every compressed layer of ``model`` by a plain layer with its compressed weight.
 
     Args:
