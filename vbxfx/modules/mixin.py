@@ -23,7 +23,8 @@ changes every ``refresh_every / k`` optimizer steps: scale the setting. ``refres
 keeps the pattern fixed; :meth:`~CompressedMixin.freeze` fixes it for good. The counter is
 plain Python state (no device sync) saved in ``state_dict`` through ``get_extra_state``, so a
 checkpoint resumes exactly; under ``torch.compile`` the counter runs outside the graph
-(``torch.compiler.disable``). Under multi-GPU ``nn.DataParallel`` the replicas count, not the
+(``torch.compiler.disable``: one graph break per compressed layer while refreshes are on,
+none with ``refresh_every=None`` or after ``freeze()``; a refresh causes no recompilation). Under multi-GPU ``nn.DataParallel`` the replicas count, not the
 module: call :func:`vbxfx.modules.refresh_patterns` yourself there (on CPU or one GPU
 DataParallel calls the module directly and the counter works).
 """
@@ -56,8 +57,9 @@ FORMATS = ("comp", "ucomp")
 #:   6 epochs (270 steps), lr 0.02: N=1 .0349 / 99.17 %, 10 .0336 / 99.26 %,
 #:       100 .0337 / 99.35 %, fixed .0371 / 99.07 % (plain masks .0348 / 99.26 %).
 #: Refreshing every step is not better (patterns flap), never refreshing is worst on longer
-#: runs, 10..100 are level. One refresh of resnet18 costs about 1-1.5 dense training steps
-#: (batch 16, CPU; tools/bench_finetune.py), so N=100 keeps it near 1 % of the training time.
+#: runs, 10..100 are level. One refresh of resnet18 costs 1-4 dense training steps (batch 16,
+#: 2 shared CPU cores: 0.9-6 s; tools/bench_finetune.py), so N=100 keeps it at 1-4 % of the
+#: training time; N=10 would cost 10-40 %.
 DEFAULT_REFRESH_EVERY = 100
 _UNSET: Any = object()  # "repeat not given": 2 for "comp", nothing for "ucomp"
 _STATE_VERSION = 1
