@@ -18,7 +18,7 @@ from vbxfx.errors import CheckError, ConfigError, ExportError
 from vbxfx.export.annotations import (SCHEMA, LayerAnnotation, decode_layer, encode_layer)
 from vbxfx.modules import from_dense, is_compressed
 from vbxfx.passes.finalize import finalize
-from vbxfx.format import encode_unstructured, from_blocks, project_unstructured, to_blocks
+from vbxfx.format import PairEncoding, encode_unstructured, from_blocks, project_unstructured, to_blocks
 
 # --------------------------------------------------------------------------- helpers (shared)
 
@@ -30,13 +30,32 @@ def fit_fast(weight: torch.Tensor, repeat: int) -> torch.Tensor:
     real models on a shared CPU): repeat 2 keeps all 8 weights of a block as 4 pairs
     ``b2=b0, b3=-b1, b6=b4, b7=-b5``; repeat 1 keeps ``b0=b2`` and ``b4=b6``.
     """
-    b = to_blocks(weight.detach())
+    b = to_blocks(weight.detach()).clone()
     if repeat == 2:
         b[:, 2], b[:, 3], b[:, 6], b[:, 7] = b[:, 0], -b[:, 1], b[:, 4], -b[:, 5]
     elif repeat == 1:
         b[:, [1, 3, 5, 7]] = 0
         b[:, 2], b[:, 6] = b[:, 0], b[:, 4]
     return from_blocks(b, weight.shape).to(weight.dtype)
+
+
+_PARTNERS = {2: [2, 3, 0, 1, 6, 7, 4, 5], 1: [2, 1, 0, 3, 6, 5, 4, 7]}
+
+
+def fast_encoding(weight: torch.Tensor, repeat: int) -> PairEncoding:
+    """``vbxfx.encode_weight`` of a ``fit_fast`` weight, built from its known pairs (the
+    library's encoder searches every split; test_fast_encoding_is_encode_weight holds them
+    equal)."""
+    w = to_blocks(weight.detach())
+    flat = to_blocks(torch.arange(weight.numel()).reshape(weight.shape), dtype=torch.int64,
+                     pad_value=-1)
+    partner = torch.tensor(_PARTNERS[repeat]).expand_as(flat)
+    wp = w.gather(1, partner)
+    paired = (w != 0) & (wp != 0) & (partner != torch.arange(8))
+    index = torch.where(paired, flat.gather(1, partner), -1)
+    sign = torch.where(paired, torch.where((w < 0) == (wp < 0), 1, -1), 0).to(torch.int8)
+    return PairEncoding(repeat, (weight != 0).detach().clone(), from_blocks(index, weight.shape),
+                        from_blocks(sign, weight.shape))
 
 
 def eligible(model: nn.Module) -> list[str]:
@@ -56,7 +75,8 @@ def compress_by_hand(model: nn.Module, repeats: dict[str, int] | int = 2,
         with torch.no_grad():
             w = fit_fast(layer.weight, repeat) if fast else vbxfx.project_weight(layer.weight, repeat)
             layer.weight.copy_(w)
-        notes[name] = LayerAnnotation(name, "comp", repeat, vbxfx.encode_weight(layer.weight.detach(), repeat))
+        enc = (fast_encoding if fast else vbxfx.encode_weight)(layer.weight.detach(), repeat)
+        notes[name] = LayerAnnotation(name, "comp", repeat, enc)
     return notes
 
 
@@ -152,6 +172,16 @@ def same_encoding(a, b) -> bool:
 
 
 # --------------------------------------------------------------------------- schema
+
+
+@pytest.mark.parametrize("repeat", [1, 2])
+@pytest.mark.parametrize("shape", [(16, 20, 3, 3), (3, 3, 1, 1), (12, 64)])
+def test_fast_encoding_is_encode_weight(repeat, shape):
+    torch.manual_seed(0)
+    w = fit_fast(torch.randn(shape), repeat)
+    w.view(-1)[::7] = 0.0                                    # some unpaired weights too
+    assert vbxfx.weight_repeat(w) <= repeat
+    assert same_encoding(fast_encoding(w, repeat), vbxfx.encode_weight(w, repeat))
 
 
 def test_encode_decode_round_trip_comp_and_ucomp():

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vbxfx.export.annotations import LayerAnnotation
-from vbxfx.format import (BLOCK, explain_violation, padded_channels, quantize_int8,
-                          unstructured_macs, weight_repeat)
+from vbxfx.format import (BLOCK, explain_violation, fits, padded_channels, quantize_int8,
+                          to_blocks, unstructured_macs, weight_repeat)
 
 __all__ = ["LayerVerdict", "verify_layer", "dense_mults"]
 
@@ -72,44 +73,79 @@ def _where(shape: tuple[int, ...], flat: int) -> str:
 
 
 def _agreement(weight: torch.Tensor, q: torch.Tensor, ann: LayerAnnotation) -> list[str]:
+    """The disagreements between the weight and its encoding (numpy: single-threaded
+    element-wise work is faster than torch's here)."""
     enc, shape = ann.encoding, tuple(weight.shape)
-    w, qf = weight.reshape(-1), q.reshape(-1).to(torch.int16)
-    mask = enc.mask.reshape(-1).to(torch.bool).cpu()
-    idx = enc.pair_index.reshape(-1).to(torch.int64).cpu()
-    sign = enc.pair_sign.reshape(-1).to(torch.int64).cpu()
-    n = w.numel()
-    out_ch = torch.arange(n) // (n // shape[0])
-    zero_channel = (weight.reshape(shape[0], -1) == 0).all(dim=1)[out_ch]
+    w = weight.reshape(-1).numpy()
+    qa = np.abs(q.reshape(-1).numpy())
+    mask = enc.mask.detach().reshape(-1).cpu().numpy().astype(bool, copy=False)
+    idx = enc.pair_index.detach().reshape(-1).cpu().numpy().astype(np.int64, copy=False)
+    sign = enc.pair_sign.detach().reshape(-1).cpu().numpy()
+    n = w.size
+    flat = np.arange(n)
     nz = w != 0
     paired = idx >= 0
-    if bool(((idx < -1) | (idx >= n)).any()):
-        return ["pair index out of range"]
-    partner = torch.where(paired, idx, torch.arange(n))
+    checks: list[tuple[str, np.ndarray]] = []
+    wrong = nz != mask
+    if wrong.any():  # an all-zero output channel (a BatchNorm scale of 0) is accepted
+        zero_channel = ~nz.reshape(shape[0], -1).any(axis=1)
+        checks.append(("the mask does not match the weight's nonzeros",
+                       wrong & ~np.repeat(zero_channel, n // shape[0])))
+    checks.append(("pair_sign is set on an unpaired weight or missing on a pair",
+                   (sign != 0) != paired))
+    # the partner must lie in the same input-channel vector: a whole number of channel
+    # strides away, inside the channels
     stride = n // (shape[0] * shape[1])
-    ch = (torch.arange(n) // stride) % shape[1]
-    pch = ch[partner]
-    checks = [
-        ("the mask does not match the weight's nonzeros", (nz != mask) & ~zero_channel),
-        ("a pair is not mutual", paired & (partner[partner] != torch.arange(n))),
+    delta = np.where(paired, idx - flat, 0)
+    off = delta if stride == 1 else delta // stride
+    channel = np.broadcast_to(np.arange(shape[1]).reshape(1, -1, *([1] * (len(shape) - 2))),
+                              shape).reshape(-1)
+    ch_j = channel + off
+    outside = paired & ((off * stride != delta) | (ch_j < 0) | (ch_j >= shape[1]))
+    if outside.any():
+        return [f"annotation disagrees with the weight: a pair leaves its input-channel vector "
+                f"at {_where(shape, int(np.flatnonzero(outside)[0]))}"]
+    partner = np.where(paired, idx, flat)
+    negative = w < 0
+    checks += [
+        ("a pair is not mutual", paired & (idx[partner] != flat)),
         ("a paired weight is masked out", paired & ~(mask & mask[partner])),
-        ("a pair's int8 magnitudes differ", paired & (qf.abs() != qf[partner].abs())),
+        ("a pair's int8 magnitudes differ", paired & (qa != qa[partner])),
         ("a pair's sign relation differs from pair_sign",
-         paired & nz & nz[partner] & (((w < 0) == (w[partner] < 0)) != (sign > 0))),
-        ("pair_sign is set on an unpaired weight or missing on a pair",
-         (~paired & (sign != 0)) | (paired & (sign == 0))),
+         paired & nz & nz[partner] & ((negative == negative[partner]) != (sign > 0))),
     ]
     if ann.fmt == "comp":
-        checks.append(("a pair crosses an 8-channel block", paired & (ch // BLOCK != pch // BLOCK)))
+        checks.append(("a pair crosses an 8-channel block",
+                       paired & ((ch_j >> 3) != (channel >> 3))))
     else:
-        checks.append(("a pair joins two even or two odd input channels", paired & (ch % 2 == pch % 2)))
+        checks.append(("a pair joins two even or two odd input channels",
+                       paired & ((off & 1) == 0)))
     problems = []
     for what, bad in checks:
-        hits = bad.nonzero()
-        if hits.numel():
-            first = int(hits[0, 0])
-            problems.append(f"annotation disagrees with the weight: {what} at {_where(shape, first)}"
-                            f" ({hits.numel()} weight(s))")
+        if bad.any():
+            hits = np.flatnonzero(bad)
+            problems.append(f"annotation disagrees with the weight: {what} at "
+                            f"{_where(shape, int(hits[0]))} ({hits.size} weight(s))")
     return problems
+
+
+def _full_subpair(q: torch.Tensor) -> bool:
+    """Whether some sub-pair holds two nonzeros (which rules repeat 1 out)."""
+    nz = to_blocks(q) != 0
+    return bool((nz[:, 0::2] & nz[:, 1::2]).any())
+
+
+def _compiler_repeat(q: torch.Tensor, declared: int) -> tuple[int, bool]:
+    """``(repeat vnnx_compile picks, whether it is <= declared)`` on int8 values ``q``
+    (float), with as few full block checks as the cheap necessary conditions allow."""
+    if declared < 4 and not fits(q, declared, quantize=False):
+        return weight_repeat(q, quantize=False), False
+    for r in (1, 2):
+        if r >= declared or (r == 1 and _full_subpair(q)):
+            continue
+        if fits(q, r, quantize=False):
+            return r, True
+    return declared, True
 
 
 @torch.no_grad()
@@ -126,19 +162,20 @@ def verify_layer(weight: torch.Tensor, ann: LayerAnnotation, where: str) -> Laye
     problems = [f"{where}: {p}" for p in _agreement(weight, q, ann)]
     declared_pairs = int((enc.pair_index >= 0).sum()) // 2
     if ann.fmt == "comp":
-        compiler_repeat = weight_repeat(weight)
-        fits = compiler_repeat <= ann.repeat
-        if not fits:
-            problems.insert(0, f"{where}: {explain_violation(weight, ann.repeat)}")
+        qf = q.to(torch.float32)
+        compiler_repeat, fit_ok = _compiler_repeat(qf, ann.repeat)
+        if not fit_ok:
+            violation = explain_violation(qf, ann.repeat, quantize=False)
+            problems.insert(0, f"{where}: int8 weight at {violation}")
         mults = _comp_mults(shape, compiler_repeat)
         declared = _comp_mults(shape, ann.repeat)
     else:
         compiler_repeat = None
         mults = unstructured_macs(weight)
         declared = int(enc.mask.sum()) - declared_pairs
-        fits = mults <= declared
-        if not fits:
+        fit_ok = mults <= declared
+        if not fit_ok:
             problems.insert(0, f"{where}: the int8 weight needs {mults} multiplies per output "
                                f"position, the annotation promises {declared}")
-    agrees = len(problems) == (0 if fits else 1)
-    return LayerVerdict(fits, agrees, compiler_repeat, mults, declared, tuple(problems))
+    agrees = len(problems) == (0 if fit_ok else 1)
+    return LayerVerdict(fit_ok, agrees, compiler_repeat, mults, declared, tuple(problems))
