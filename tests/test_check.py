@@ -124,9 +124,11 @@ def test_ucomp_more_multiplies_than_declared(tmp_path):
     zero = int((~notes["0"].encoding.mask).reshape(-1).nonzero()[0])
 
     def fill(proto):
-        w = onnx.numpy_helper.to_array(proto.graph.initializer[0]).copy()
+        gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
+        init = next(t for t in proto.graph.initializer if t.name == gemm.input[1])
+        w = onnx.numpy_helper.to_array(init).copy()
         w.reshape(-1)[zero] = 0.3
-        proto.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, proto.graph.initializer[0].name))
+        init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
     _edit(path, bad, fill)
     report = vbxfx.check_onnx(bad, n_random=0)
     assert not report.layers[0].fits and "the annotation promises" in report.problems[0]
@@ -192,7 +194,8 @@ def test_bad_files_raise_one_line_check_errors(exported, tmp_path):
 
 def test_bad_inputs_raise_check_errors(exported):
     model, _, x, path = exported
-    cases = [(torch.randn(1, 3, 8, 8), r"input '.*' expects shape \[1,3,16,16\], got \[1, 3, 8, 8\]"),
+    cases = [(torch.randn(1, 3, 8, 8),
+              r"input '.*' expects shape \[1,3,16,16\], got \[1, 3, 8, 8\]"),
              (x.double(), "expects float32, got float64"),
              ((x, x), "2 array\\(s\\) given, the ONNX model takes 1"),
              ("x", "expected Tensors or numpy arrays")]

@@ -73,7 +73,8 @@ def compress_by_hand(model: nn.Module, repeats: dict[str, int] | int = 2,
     for name, repeat in repeats.items():
         layer = model.get_submodule(name)
         with torch.no_grad():
-            w = fit_fast(layer.weight, repeat) if fast else vbxfx.project_weight(layer.weight, repeat)
+            fit = fit_fast if fast else vbxfx.project_weight
+            w = fit(layer.weight, repeat)
             layer.weight.copy_(w)
         enc = (fast_encoding if fast else vbxfx.encode_weight)(layer.weight.detach(), repeat)
         notes[name] = LayerAnnotation(name, "comp", repeat, enc)
@@ -108,7 +109,8 @@ def fold_scales(path: str, out: str, seed: int = 0, per_input: bool = False) -> 
         while name not in inits:
             name = producers[name].input[0]
         w = numpy_helper.to_array(inits[name])
-        axis = 0 if node.op_type != "MatMul" and not (node.op_type == "Gemm" and not _trans_b(node)) else 1
+        transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not _trans_b(node))
+        axis = 1 if transposed else 0
         if per_input:
             axis = 1 - axis if w.ndim == 2 else 1
         s = rng.uniform(0.2, 3.0, w.shape[axis]) * rng.choice([-1.0, 1.0], w.shape[axis])
@@ -315,7 +317,8 @@ def test_export_vbx_modules_are_finalized_on_a_copy(tmp_path):
 def test_export_accepts_pair_encodings_and_empty_annotations(tmp_path, caplog):
     model, notes, x = small_model(fast=True)
     encs = {k: v.encoding for k, v in notes.items()}
-    assert set(vbxfx.export_onnx(model, x, tmp_path / "e.onnx", annotations=encs).layers) == set(encs)
+    report = vbxfx.export_onnx(model, x, tmp_path / "e.onnx", annotations=encs)
+    assert set(report.layers) == set(encs)
     report = vbxfx.export_onnx(nn.Conv2d(3, 4, 1), torch.randn(1, 3, 4, 4), tmp_path / "d.onnx")
     assert report.layers == {}
     assert "no compressed layer" in caplog.text
@@ -344,7 +347,8 @@ def test_export_errors_name_what_failed(tmp_path):
     model, notes, x = small_model(fast=True)
     with pytest.raises(ExportError, match="'nope' is not a submodule"):
         vbxfx.export_onnx(model, x, tmp_path / "a.onnx",
-                          annotations={"nope": LayerAnnotation("nope", "comp", 2, notes["conv2"].encoding)})
+                          annotations={"nope": LayerAnnotation("nope", "comp", 2,
+                                                               notes["conv2"].encoding)})
     with pytest.raises(ExportError, match="'dw' is a Conv2d with groups=32"):
         enc = vbxfx.encode_weight(model.dw.weight.detach(), 4)
         vbxfx.export_onnx(model, x, tmp_path / "a.onnx",
@@ -362,3 +366,27 @@ def test_export_errors_name_what_failed(tmp_path):
     with pytest.raises(ExportError, match=r"layer 'conv2'.*block 0 .*does not fit repeat 1"):
         vbxfx.export_onnx(model, x, tmp_path / "a.onnx", annotations=lying)
     assert not (tmp_path / "a.onnx").exists()
+
+
+def test_schema_doc_recipe_decodes_an_exported_file(tmp_path):
+    """The numpy-only decoder printed in docs/onnx_schema.md, run as it is written."""
+    import pathlib
+    import re
+    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "onnx_schema.md"
+    code = re.search(r"```python\n(.*?)```", doc.read_text(), re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, str(doc), "exec"), scope)
+    model, notes, x = small_model(fast=True)
+    path = str(tmp_path / "m.onnx")
+    vbxfx.export_onnx(model, x, path, annotations=notes)
+    rows = {r[0]: r for r in scope["layers"](path)}
+    assert set(rows) == set(notes)
+    for name, (_, _, fmt, repeat, mask, offset, opposite) in rows.items():
+        enc = notes[name].encoding
+        assert (fmt, repeat) == ("comp", enc.repeat)
+        assert np.array_equal(mask, enc.mask.numpy())
+        flat = np.arange(mask.size).reshape(mask.shape)
+        stride = int(np.prod(mask.shape[2:])) if mask.ndim == 4 else 1
+        index = np.where(offset != 0, flat + offset * stride, -1)
+        assert np.array_equal(index, enc.pair_index.numpy())
+        assert np.array_equal(opposite, enc.pair_sign.numpy() < 0)

@@ -350,7 +350,8 @@ def _fail(args: argparse.Namespace, message: str) -> int:
 def main_check(argv: Sequence[str] | None = None) -> int:
     """``vbxfx check`` as a function: parse ``argv`` and return the exit code."""
     parser = add_check_arguments(argparse.ArgumentParser(
-        prog="vbxfx check", description="Check an annotated ONNX file for the VectorBlox toolchain."))
+        prog="vbxfx check",
+        description="Check an annotated ONNX file for the VectorBlox toolchain."))
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse has printed its one-line usage error

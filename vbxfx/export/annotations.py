@@ -9,7 +9,7 @@ Schema ``vbxfx.compression/1`` (``docs/onnx_schema.md`` is the reference). The m
 ``vbxfx.layer``            the torch layer's fully-qualified name
 ``vbxfx.format``           ``comp`` or ``ucomp``
 ``vbxfx.repeat``           ``1``/``2``/``4`` (comp), ``0`` (ucomp)
-``vbxfx.shape``            the weight's torch shape, e.g. ``64,64,3,3`` (``[O,I,kh,kw]`` / ``[O,I]``)
+``vbxfx.shape``            the weight's torch shape ``O,I,kh,kw`` / ``O,I``, e.g. ``64,64,3,3``
 ``vbxfx.weight``           the node input that carries the weight
 ``vbxfx.mask``             nonzeros: packed bits (``bitorder="little"``) of the C-order mask
 ``vbxfx.pair_offset``      partner offset along the input-channel axis (0 = unpaired)
@@ -113,7 +113,7 @@ def as_annotation(name: str, value: Any) -> LayerAnnotation:
 
 
 def normalize_annotations(annotations: Mapping[str, Any]) -> dict[str, LayerAnnotation]:
-    """``{fqn: LayerAnnotation}`` from a mapping of LayerAnnotation-likes (see :func:`as_annotation`)."""
+    """``{fqn: LayerAnnotation}`` from a mapping of LayerAnnotation-likes (:func:`as_annotation`)."""
     if not isinstance(annotations, Mapping):
         raise ExportError(f"annotations must be a dict {{layer fqn: LayerAnnotation}}, got "
                           f"{type(annotations).__name__}")

@@ -67,7 +67,8 @@ class OnnxGraph:
 
     def layer_nodes(self) -> list[onnx.NodeProto]:
         """The Conv/Gemm/MatMul nodes of the main graph, in graph order."""
-        return [n for n in self.graph.node if n.op_type in LAYER_OPS and n.domain in ("", "ai.onnx")]
+        return [n for n in self.graph.node
+                if n.op_type in LAYER_OPS and n.domain in ("", "ai.onnx")]
 
     def _constant(self, name: str) -> tuple[str, np.ndarray] | None:
         seen = 0

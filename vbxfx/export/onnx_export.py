@@ -113,7 +113,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         work = copy.deepcopy(model)
     except Exception as e:
         raise ExportError(f"could not deep-copy {type(model).__name__} before exporting "
-                          f"({type(e).__name__}: {e}); vbxfx never exports the caller's model") from e
+                          f"({type(e).__name__}: {e}); vbxfx never exports the caller's "
+                          "model itself") from e
     work, notes = _finalize(work, annotations)
     _check_layers(work, notes)
     use_dynamo = choose_exporter(work) if dynamo is None else dynamo
@@ -157,7 +158,8 @@ def _check_args(model: Any, example_inputs: Any, path: Any, opset: Any, dynamo: 
         raise ConfigError(f"path must be a file name, got {type(path).__name__}")
     directory = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(directory):
-        raise ExportError(f"cannot write {os.fspath(path)!r}: directory {directory!r} does not exist")
+        raise ExportError(f"cannot write {os.fspath(path)!r}: directory {directory!r} does not "
+                          "exist")
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
         raise ConfigError(f"opset must be an int >= 7 or None, got {opset!r}")
     if dynamo is not None and not isinstance(dynamo, bool):
@@ -199,11 +201,11 @@ def _check_layers(work: nn.Module, notes: Mapping[str, LayerAnnotation]) -> None
         except AttributeError as e:
             raise ExportError(f"annotated layer {name!r} is not a submodule of "
                               f"{type(work).__name__}") from e
-        ok = (isinstance(layer, nn.Conv2d) and layer.groups == 1) or isinstance(layer, nn.Linear)
-        if not ok:
-            raise ExportError(f"annotated layer {name!r} is a {type(layer).__name__}"
-                              + (f" with groups={layer.groups}" if isinstance(layer, nn.Conv2d) else "")
-                              + "; accepted are Conv2d with groups=1 and Linear")
+        conv = isinstance(layer, nn.Conv2d)
+        if not ((conv and layer.groups == 1) or isinstance(layer, nn.Linear)):
+            groups = f" with groups={layer.groups}" if conv else ""
+            raise ExportError(f"annotated layer {name!r} is a {type(layer).__name__}{groups}; "
+                              "accepted are Conv2d with groups=1 and Linear")
         if tuple(layer.weight.shape) != tuple(ann.encoding.mask.shape):
             raise ExportError(f"layer {name!r}: weight {tuple(layer.weight.shape)} but annotation "
                               f"for {tuple(ann.encoding.mask.shape)}")
@@ -213,8 +215,9 @@ def _check_layers(work: nn.Module, notes: Mapping[str, LayerAnnotation]) -> None
 def _quiet():
     """The exporters print progress and warn freely; keep it in the debug log."""
     out, err = io.StringIO(), io.StringIO()
-    chatty = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export",
-                                             "torch._export", "torch.fx.experimental.symbolic_shapes")]
+    chatty = [logging.getLogger(n) for n in (
+        "onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export",
+        "torch.fx.experimental.symbolic_shapes")]
     levels = [lg.level for lg in chatty]
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
             contextlib.redirect_stderr(err):

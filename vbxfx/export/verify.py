@@ -69,7 +69,8 @@ def _where(shape: tuple[int, ...], flat: int) -> str:
         i_, o_ = (flat // (kh * kw)) % i, flat // (i * kh * kw)
         return (f"out channel {o_}, in channel {i_}, ky {ky}, kx {kx} "
                 f"(block {i_ // BLOCK})")
-    return f"out channel {flat // shape[1]}, in channel {flat % shape[1]} (block {flat % shape[1] // BLOCK})"
+    o, i = divmod(flat, shape[1])
+    return f"out channel {o}, in channel {i} (block {i // BLOCK})"
 
 
 def _agreement(weight: torch.Tensor, q: torch.Tensor, ann: LayerAnnotation) -> list[str]:
