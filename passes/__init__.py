@@ -3,5 +3,6 @@
 from vbxfx.passes.base import GraphPass, PassResult
 from vbxfx.passes.analyze_layers import AnalyzeLayers
 from vbxfx.passes.channel_flow import ChannelFlow
+from vbxfx.passes.allocate import Allocate
 
-__all__ = ["GraphPass", "PassResult", "AnalyzeLayers", "ChannelFlow"]
+__all__ = ["GraphPass", "PassResult", "AnalyzeLayers", "ChannelFlow", "Allocate"]

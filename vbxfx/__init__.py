@@ -8,6 +8,7 @@ from vbxfx.layers import LayerInfo, LayerTable
 from vbxfx.trace import analyze, trace
 from vbxfx.export import ExportReport, export_onnx, read_annotations
 from vbxfx.check import CheckReport, check_onnx
+from vbxfx.passes.allocate import Allocation, allocate
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,5 @@ __all__ = [
     "unstructured_macs", "weight_repeat",
     "trace", "analyze", "LayerInfo", "LayerTable",
     "export_onnx", "read_annotations", "ExportReport", "check_onnx", "CheckReport",
+    "allocate", "Allocation",
 ]
