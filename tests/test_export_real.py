@@ -144,3 +144,18 @@ def test_real_model_fully_paired_resnet18(tmp_path):
     print(f"\nresnet18 fully paired: export {t_export:.1f} s ({report.exporter}), check "
           f"{t_check:.1f} s, max abs {check.max_abs:.3g}, max rel {check.max_rel:.3g}")
     _tamper_and_check(path, tmp_path, notes, "layer2.0.conv1")
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes")
+def test_yolov8n_after_a_torch_export_of_the_callers_model(tmp_path):
+    """torch.export leaves FakeTensors in Detect's anchor cache of the model it traces; the
+    exporter and the checker still work on (a clean copy of) that model."""
+    model, x = _yolov8n()
+    model.eval()
+    torch.export.export(model, (x,), strict=False)
+    names = [n for n in eligible(model) if n.startswith("model.22.cv3")]
+    notes = compress_by_hand(model, {n: 2 for n in names})
+    path = tmp_path / "yolo.onnx"
+    assert set(vbxfx.export_onnx(model, x, path, annotations=notes).layers) == set(names)
+    assert vbxfx.check_onnx(path, torch_model=model, example_inputs=x, n_random=0).ok
+    vbxfx.testing.assert_onnx_equivalent(model, path, x)

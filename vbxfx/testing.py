@@ -30,12 +30,14 @@ def assert_onnx_equivalent(torch_model: torch.nn.Module, onnx_path: str | os.Pat
     import onnxruntime as ort
 
     from vbxfx.check import _input_sets
-    from vbxfx.export.numerics import _input_specs, _validate, compare_arrays, run_torch
+    from vbxfx.export.numerics import (_input_specs, _validate, compare_arrays, run_torch,
+                                        runnable)
     from vbxfx.export.reader import load_onnx
 
     load_onnx(onnx_path, load_external_data=False)  # one-line errors for missing / not ONNX
     session = ort.InferenceSession(os.fspath(onnx_path), providers=["CPUExecutionProvider"])
     specs = _input_specs(session)
+    torch_model = runnable(torch_model)
     names = [o.name for o in session.get_outputs()]
     for label, arrays in _input_sets(inputs, None):
         feed = _validate(label, arrays, specs)

@@ -20,7 +20,7 @@ import torch
 
 from vbxfx.errors import CheckError
 
-__all__ = ["compare", "compare_arrays", "run_onnx", "run_torch", "ORT_DTYPES"]
+__all__ = ["compare", "compare_arrays", "run_onnx", "run_torch", "runnable", "ORT_DTYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,13 @@ def _random_sets(specs: list, example: tuple | None, n: int, seed: int) -> list[
     return sets
 
 
+def runnable(model: torch.nn.Module) -> torch.nn.Module:
+    """``model``, or a clean copy when a ``torch.export`` left FakeTensors in its caches."""
+    from vbxfx.export.onnx_export import _fake_attributes, safe_deepcopy
+
+    return safe_deepcopy(model) if _fake_attributes(model) else model
+
+
 def run_onnx(session, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     return session.run(None, feed)
 
@@ -135,6 +142,8 @@ def compare(path: str, torch_model: torch.nn.Module | None, sets: list[tuple[str
     except Exception as e:
         report.problems.append(f"onnxruntime cannot load the model: {str(e).strip()[:300]}")
         return
+    if torch_model is not None:
+        torch_model = runnable(torch_model)
     specs = _input_specs(session)
     feeds = [(label, _validate(label, arrays, specs)) for label, arrays in sets]
     example_set = next((arrays for label, arrays in sets if label == "example_inputs"), None)

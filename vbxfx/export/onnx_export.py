@@ -52,7 +52,7 @@ from vbxfx.export.annotations import (LAYERS_KEY, PRODUCER_KEY, SCHEMA, SCHEMA_K
 from vbxfx.export.graph import OnnxGraph, WeightRef
 from vbxfx.export.verify import verify_layer
 
-__all__ = ["export_onnx", "ExportReport", "choose_exporter", "map_layers"]
+__all__ = ["export_onnx", "ExportReport", "choose_exporter", "map_layers", "safe_deepcopy"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +110,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     inputs = _check_args(model, example_inputs, path, opset, dynamo)
     path = os.fspath(path)
     try:
-        work = copy.deepcopy(model)
+        work = safe_deepcopy(model)
     except Exception as e:
         raise ExportError(f"could not deep-copy {type(model).__name__} before exporting "
-                          f"({type(e).__name__}: {e}); vbxfx never exports the caller's "
-                          "model itself") from e
+                          f"({type(e).__name__}: {_one_line(e)}); vbxfx never exports the "
+                          "caller's model itself") from e
     work, notes = _finalize(work, annotations)
     _check_layers(work, notes)
     use_dynamo = choose_exporter(work) if dynamo is None else dynamo
@@ -143,6 +143,34 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
 
 
 # --------------------------------------------------------------------------- steps
+
+
+def _fake_attributes(model: nn.Module) -> list[tuple[int, str, Any]]:
+    """``(module index, name, value)`` of plain module attributes holding FakeTensors."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def fake(v: Any) -> bool:
+        return isinstance(v, FakeTensor) or (isinstance(v, (list, tuple))
+                                             and any(isinstance(t, FakeTensor) for t in v))
+    return [(i, k, v) for i, m in enumerate(model.modules()) for k, v in vars(m).items()
+            if k not in ("_parameters", "_buffers", "_modules") and fake(v)]
+
+
+def safe_deepcopy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that survives the FakeTensors a ``torch.export`` of the caller's model
+    leaves in forward-time caches (ultralytics' ``Detect.anchors`` / ``strides``): the copy
+    gets None there and its cache key ``shape`` reset, so its next forward recomputes them."""
+    fakes = _fake_attributes(model)
+    memo: dict[int, Any] = {id(v): None for _, _, v in fakes}
+    out = copy.deepcopy(model, memo)
+    if fakes:
+        modules = list(out.modules())
+        for i, name, _ in fakes:
+            logger.info("dropped the cached FakeTensor %s.%s from the copy (left by torch.export)",
+                        type(modules[i]).__name__, name)
+            if hasattr(modules[i], "shape"):
+                modules[i].shape = None
+    return out
 
 
 def _check_args(model: Any, example_inputs: Any, path: Any, opset: Any, dynamo: Any) -> tuple:
@@ -246,7 +274,7 @@ def _export(original: nn.Module, work: nn.Module, inputs: tuple, tmp: str, opset
     if not dynamo:
         try:
             # a fresh copy for TorchScript keeps ``work`` clean for a dynamo retry
-            target = copy.deepcopy(work) if may_fall_back else work
+            target = safe_deepcopy(work) if may_fall_back else work
             with _quiet(), torch.no_grad():
                 torch.onnx.export(target, inputs, tmp, dynamo=False, **kwargs)
             return "torchscript"
