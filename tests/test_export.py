@@ -390,3 +390,24 @@ def test_schema_doc_recipe_decodes_an_exported_file(tmp_path):
         index = np.where(offset != 0, flat + offset * stride, -1)
         assert np.array_equal(index, enc.pair_index.numpy())
         assert np.array_equal(opposite, enc.pair_sign.numpy() < 0)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_equal_weights_map_to_their_own_nodes(tmp_path, dynamo):
+    """Two layers with one and the same weight values (the TorchScript exporter then keeps a
+    single initializer): the module path decides which node is whose."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(fit_fast(model[0].weight, 1))
+        model[2].weight.copy_(model[0].weight)
+    enc = fast_encoding(model[0].weight, 1)                  # fits 1, so it fits 2 as well
+    as_two = PairEncoding(2, enc.mask, enc.pair_index, enc.pair_sign)
+    # "2" first: graph order alone would give it the first node
+    notes = {"2": LayerAnnotation("2", "comp", 1, enc), "0": LayerAnnotation("0", "comp", 2, as_two)}
+    path = tmp_path / "twins.onnx"
+    report = vbxfx.export_onnx(model, torch.randn(1, 16), path, annotations=notes, dynamo=dynamo)
+    proto = onnx.load(str(path))
+    order = [n.name for n in proto.graph.node if n.op_type in ("Gemm", "MatMul")]
+    assert [report.layers["0"], report.layers["2"]] == order
+    assert {k: a.repeat for k, a in vbxfx.read_annotations(path).items()} == {"0": 2, "2": 1}

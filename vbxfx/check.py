@@ -40,7 +40,7 @@ import onnx
 import torch
 
 from vbxfx.errors import CheckError, VbxError
-from vbxfx.export.graph import OnnxGraph
+from vbxfx.export.graph import OnnxGraph, attribute
 from vbxfx.export.reader import annotated_nodes, load_onnx
 from vbxfx.export.verify import dense_mults, verify_layer
 
@@ -221,10 +221,7 @@ def _check_layers(graph: OnnxGraph, nodes: list, report: CheckReport) -> None:
         weight = torch.from_numpy(np.array(ref.torch_layout(), dtype=np.float32))
         verdict = verify_layer(weight, ann, label)
         problems = list(verdict.problems)
-        group = 1
-        if node.op_type == "Conv":
-            from vbxfx.export.graph import attribute
-            group = int(attribute(node, "group", 1))
+        group = int(attribute(node, "group", 1)) if node.op_type == "Conv" else 1
         if group != 1:
             problems.append(f"{label}: a grouped convolution (group={group}); the compiler "
                             "leaves it dense")

@@ -100,6 +100,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         annotations: ``{fqn: LayerAnnotation or PairEncoding}`` for plain models.
         opset: ONNX opset (None: the exporter's default).
         dynamo: True/False forces the exporter; None chooses (module docstring).
+        input_names, output_names: names of the graph inputs / outputs (None: the
+            exporter's own).
+
+    Returns:
+        An :class:`ExportReport`; ``report.layers`` maps each annotated fqn to its node.
 
     Raises:
         ExportError: the model cannot be copied or exported, a layer is not found in the
