@@ -3,6 +3,9 @@
 from vbxfx.passes.base import GraphPass, PassResult
 from vbxfx.passes.analyze_layers import AnalyzeLayers
 from vbxfx.passes.channel_flow import ChannelFlow
+from vbxfx.passes.finalize import Finalize
+from vbxfx.passes.rewrite import Rewrite
 from vbxfx.passes.allocate import Allocate
 
-__all__ = ["GraphPass", "PassResult", "AnalyzeLayers", "ChannelFlow", "Allocate"]
+__all__ = ["GraphPass", "PassResult", "AnalyzeLayers", "ChannelFlow", "Allocate", "Rewrite",
+           "Finalize"]
