@@ -316,7 +316,8 @@ class Allocate(GraphPass):
 # --------------------------------------------------------------------------- helpers
 
 
-def _table_and_module(gm_or_table: Any, model: nn.Module | None) -> tuple[LayerTable, nn.Module | None]:
+def _table_and_module(gm_or_table: Any,
+                      model: nn.Module | None) -> tuple[LayerTable, nn.Module | None]:
     if model is not None and not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(gm_or_table, LayerTable):
@@ -330,7 +331,8 @@ def _table_and_module(gm_or_table: Any, model: nn.Module | None) -> tuple[LayerT
                       f"{type(gm_or_table).__name__}; trace the model with vbxfx.trace first")
 
 
-def _weights(module: nn.Module | None, layers: list[LayerInfo], why: str) -> dict[str, torch.Tensor]:
+def _weights(module: nn.Module | None, layers: list[LayerInfo],
+             why: str) -> dict[str, torch.Tensor]:
     if module is None:
         raise ConfigError(f"{why} needs the layers' weights: pass a GraphModule, or model= "
                           "along with the LayerTable")

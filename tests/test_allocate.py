@@ -106,7 +106,8 @@ def test_overrides_are_honoured_and_others_make_up(tmp_path, caplog):
     _, gm = _traced()
     path = tmp_path / "layers.json"
     path.write_text(json.dumps({"b": "dense"}))
-    with pytest.raises(ConfigError, match=r"and the overrides: the achievable range is 0\.2500 \.\. 0\.3750"):
+    with pytest.raises(ConfigError,
+                       match=r"and the overrides: the achievable range is 0\.2500 \.\. 0\.3750"):
         vbxfx.allocate(gm, 0.6, json_file=path)
     with pytest.raises(ConfigError, match=r"target"):
         vbxfx.allocate(gm, 1.0, json_file=path)

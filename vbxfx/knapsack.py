@@ -90,7 +90,10 @@ def _check(costs: Sequence[Sequence[float]], weights: Sequence[Sequence[int]],
     return cs, ws, int(demand)
 
 
-def _hull_segments(c: np.ndarray, w: np.ndarray) -> tuple[float, int, list[tuple[float, int, float]]]:
+Segment = tuple[float, int, float]  # (slope, removal step, cost step)
+
+
+def _hull_segments(c: np.ndarray, w: np.ndarray) -> tuple[float, int, list[Segment]]:
     """Start point (least cost, most removal among those) and the lower-hull steps to the right.
 
     Returns ``(cost0, weight0, [(slope, dweight, dcost), ...])`` with increasing slopes.
@@ -203,7 +206,8 @@ def solve_mckp(costs: Sequence[Sequence[float]], weights: Sequence[Sequence[int]
         # Pareto filter: by removal descending, cost ascending, stable for determinism;
         # keep a state only if it is strictly cheaper than every state removing more.
         order = np.lexsort((option, parent, ns, -nb))
-        nb, ns, parent, option, bound = nb[order], ns[order], parent[order], option[order], bound[order]
+        nb, ns, parent, option, bound = (nb[order], ns[order], parent[order], option[order],
+                                         bound[order])
         if ns.size:
             prev_min = np.minimum.accumulate(np.concatenate(([np.inf], ns[:-1])))
             front = ns < prev_min

@@ -211,7 +211,8 @@ def output_sensitivity(model: nn.Module, params: Mapping[str, torch.Tensor],
         dense = [model(*b) for b in batches]
 
         def score() -> float:
-            return sum(output_divergence(d, model(*b)) for d, b in zip(dense, batches)) / len(batches)
+            total = sum(output_divergence(d, model(*b)) for d, b in zip(dense, batches))
+            return total / len(batches)
 
         return _per_layer(model, params, levels, fmt, score, "output", progress)
 
