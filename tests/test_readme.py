@@ -1,0 +1,52 @@
+"""Every command in README.md is run: Python blocks are executed, CLI lines run in a subprocess,
+and the install+test line is the one .ci/run runs."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+VBXFX = [sys.executable, "-m", "vbxfx"]
+
+
+def _blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", README, re.S)
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = [ln for ln in (ROOT / ".ci/run").read_text().splitlines()
+          if ln.strip() and not ln.startswith(("#", "set ", "cd ", "export ", "rm "))]
+    assert ci[-1].replace(" -q", "") in README.replace(" -q", "")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(_blocks("python"))))
+def test_python_blocks_run(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = _blocks("python")[index]
+    if "AnalyzeLayers" in code:           # continues the block before it
+        code = _blocks("python")[index - 1] + code
+    exec(compile(code, f"README python block {index}", "exec"), {})
+
+
+def _cli_lines():
+    lines = []
+    for block in _blocks("bash"):
+        lines += [ln.strip() for ln in block.splitlines() if ln.strip().startswith("vbxfx ")]
+    return lines
+
+
+@pytest.mark.slow
+def test_cli_lines_run(tmp_path):
+    lines = _cli_lines()
+    assert any(ln.startswith("vbxfx demo") for ln in lines)
+    for line in lines:
+        args = line.split()[1:]
+        proc = subprocess.run(VBXFX + args, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "YOLO_OFFLINE": "1"})
+        assert proc.returncode == 0, f"{line}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
