@@ -77,7 +77,10 @@ class _Pair:
         d = _sel(opp, nopp, self.d_opp, self.d_same)
         avg = _lt(d, self.drop)
         navg = _not(avg)
-        kx = torch.ge(self.qx, self.qy, out=torch.empty_like(d)).mul_(navg)
+        if self.hx is None:      # exact magnitudes: no tie from squares that underflow
+            kx = torch.ge(self.x.abs(), self.y.abs(), out=torch.empty_like(d)).mul_(navg)
+        else:
+            kx = torch.ge(self.qx, self.qy, out=torch.empty_like(d)).mul_(navg)
         ky = navg.sub_(kx)
         if self.hx is None:      # least-squares common magnitude: the plain mean
             m = (self.y * sgn).add_(self.x).mul_(0.5)

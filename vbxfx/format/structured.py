@@ -55,6 +55,17 @@ def project_blocks(w: torch.Tensor, repeat: int, pairing: bool = True,
         fn = lambda x, h: magnitude(x, repeat, h)  # noqa: E731
     else:
         fn = project_r2 if repeat == 2 else project_r1
+    # Scale every block by a power of two so its largest magnitude is in [1, 2): exact, and
+    # it keeps the squared costs of tiny weights (down to float32's smallest normal) from
+    # underflowing to zero, where every choice would tie. Within one block, weights below
+    # about 2**-60 of its largest still square to zero and count as near-zero ties.
+    exponent = torch.frexp(w.abs().amax(dim=0, keepdim=True)).exponent.clamp_(-120, 120)
+    w = torch.ldexp(w, -exponent)
+    out = _project_chunks(fn, w, chunk, importance)
+    return torch.ldexp(out, exponent)
+
+
+def _project_chunks(fn, w: torch.Tensor, chunk: int, importance: torch.Tensor | None) -> torch.Tensor:
     n = w.shape[1]
     if n <= chunk:
         return fn(w.contiguous(), None if importance is None else importance.contiguous())
