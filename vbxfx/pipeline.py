@@ -107,7 +107,8 @@ def build_report(table: LayerTable, alloc: Allocation, records: dict[str, LayerR
                 w = model.get_submodule(layer.name).compressed_weight().detach()
                 after = layer.macs * unstructured_macs(w) // w.numel()
         rows.append({
-            "name": layer.name, "kind": layer.kind, "eligible": layer.eligible,
+            "name": layer.name, "kind": layer.kind, "weight_shape": list(layer.weight_shape),
+            "eligible": layer.eligible,
             "reason": layer.reason, "fmt": rec.fmt if rec else "dense",
             "repeat": rec.repeat if rec else (4 if alloc.fmt == "comp" else None),
             "compression": rec.compression if rec else 0.0,
