@@ -54,18 +54,7 @@ def project_blocks(w: torch.Tensor, repeat: int, pairing: bool = True,
     if not pairing:
         fn = lambda x, h: magnitude(x, repeat, h)  # noqa: E731
     else:
-        fn = project_r2 if repeat == 2 else project_r1
-    # Scale every block by a power of two so its largest magnitude is in [1, 2): exact, and
-    # it keeps the squared costs of tiny weights (down to float32's smallest normal) from
-    # underflowing to zero, where every choice would tie. Within one block, weights below
-    # about 2**-60 of its largest still square to zero and count as near-zero ties.
-    exponent = torch.frexp(w.abs().amax(dim=0, keepdim=True)).exponent.clamp_(-120, 120)
-    w = torch.ldexp(w, -exponent)
-    out = _project_chunks(fn, w, chunk, importance)
-    return torch.ldexp(out, exponent)
-
-
-def _project_chunks(fn, w: torch.Tensor, chunk: int, importance: torch.Tensor | None) -> torch.Tensor:
+        fn = _rescaled(project_r2 if repeat == 2 else project_r1)
     n = w.shape[1]
     if n <= chunk:
         return fn(w.contiguous(), None if importance is None else importance.contiguous())
@@ -74,6 +63,24 @@ def _project_chunks(fn, w: torch.Tensor, chunk: int, importance: torch.Tensor | 
         h = None if importance is None else importance[:, start:start + chunk].contiguous()
         out[:, start:start + chunk] = fn(w[:, start:start + chunk].contiguous(), h)
     return out
+
+
+def _rescaled(fn):
+    """Wrap a kernel: scale every block by a power of two so its largest magnitude is in
+    [1, 2), project, scale back. Exact, and it keeps the squared costs of tiny weights (down
+    to float32's smallest normal) from underflowing to zero, where every choice would tie.
+    Within one block, weights below about 2**-60 of its largest still count as ties."""
+
+    def run(w: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+        m = w.abs()
+        m = torch.maximum(m[:4], m[4:])
+        m = torch.maximum(m[:2], m[2:])
+        exponent = torch.frexp(torch.maximum(m[0], m[1])).exponent.clamp_(-120, 120)
+        down = torch.ldexp(torch.ones_like(w[0]), -exponent)
+        up = torch.ldexp(torch.ones_like(w[0]), exponent)
+        return fn(w * down, h).mul_(up)
+
+    return run
 
 
 def block_error(w: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
