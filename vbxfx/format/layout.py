@@ -24,7 +24,7 @@ from vbxfx.errors import FormatError
 from vbxfx.format.cost import BLOCK, padded_channels
 
 __all__ = ["check_weight", "to_vectors", "from_vectors", "to_blocks", "from_blocks",
-           "num_blocks", "block_position"]
+           "block_position"]
 
 
 def check_weight(weight: torch.Tensor, what: str = "weight") -> torch.Tensor:
@@ -63,12 +63,6 @@ def from_vectors(vectors: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> 
         o, i, kh, kw = shape
         return vectors.reshape(o, kh, kw, i).permute(0, 3, 1, 2).contiguous()
     return vectors.reshape(shape).contiguous()
-
-
-def num_blocks(shape: torch.Size | tuple[int, ...]) -> int:
-    """Number of 8-channel blocks of a weight of ``shape``."""
-    vectors = shape[0] * (math.prod(shape[2:]) if len(shape) == 4 else 1)
-    return vectors * padded_channels(shape[1]) // BLOCK
 
 
 def to_blocks(weight: torch.Tensor, dtype: torch.dtype = torch.float32,

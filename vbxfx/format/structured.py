@@ -3,14 +3,9 @@
 Every function here works on blocks laid out ``[8, n]`` (one column per block, see
 :mod:`vbxfx.format.layout`), in float32, vectorised over blocks.
 
-Projection (``repeat=2``): a block is split into rows A and B (8 splits), each row holds an
-L pair and an H pair, each pair either keeps two weights of equal magnitude with the row's
-sign relation (least squares: both become ``(w_i + s*w_j)/2`` up to sign) or keeps only the
-larger weight. Every split, every row sign and every pair-or-drop choice is scored; the
-least squared error wins, so the result is the exact least-squares projection onto the set
-of blocks that fit. ``repeat=1`` is the same with one row per half and one sign per block.
-
-All errors below are *doubled* squared errors (saves a multiply per candidate).
+The projection kernels themselves (exact search over splits, sign relations and
+pair-or-drop choices) are in :mod:`vbxfx.format.kernels`; this module chunks the work,
+rescales blocks, and checks fits exactly on given values.
 """
 
 from __future__ import annotations
@@ -19,7 +14,7 @@ import torch
 
 from vbxfx.format.kernels import magnitude, project_r1, project_r2
 
-__all__ = ["project_blocks", "magnitude_blocks", "fits_blocks", "explain_block", "block_error"]
+__all__ = ["project_blocks", "fits_blocks", "explain_block"]
 
 _PAIR_I = (0, 0, 1, 1, 4, 4, 5, 5)
 _PAIR_J = (2, 3, 2, 3, 6, 7, 6, 7)
@@ -34,12 +29,6 @@ _IDX = {name: torch.tensor(v) for name, v in dict(
 
 #: Blocks per kernel call: large enough to amortise dispatch, small enough for cache.
 CHUNK = 1 << 17
-
-
-def magnitude_blocks(w: torch.Tensor, repeat: int, chunk: int = CHUNK) -> torch.Tensor:  # noqa: D401
-    """Plain N:4 magnitude pruning of ``[8, n]`` blocks: keep the ``repeat`` largest of
-    every 4 consecutive input channels (2:4 at repeat 2, 1:4 at repeat 1), no pairing."""
-    return project_blocks(w, repeat, pairing=False, chunk=chunk)
 
 
 def project_blocks(w: torch.Tensor, repeat: int, pairing: bool = True,
@@ -81,11 +70,6 @@ def _rescaled(fn):
         return fn(w * down, h).mul_(up)
 
     return run
-
-
-def block_error(w: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
-    """Squared error per block (``[n]``)."""
-    return (w - projected).square().sum(0)
 
 
 # ---------------------------------------------------------------- fit checks (exact values)
