@@ -6,6 +6,7 @@ from vbxfx.passes.channel_flow import ChannelFlow
 from vbxfx.passes.finalize import Finalize
 from vbxfx.passes.rewrite import Rewrite
 from vbxfx.passes.allocate import Allocate
+from vbxfx.passes.reconstruct import Reconstruct
 
 __all__ = ["GraphPass", "PassResult", "AnalyzeLayers", "ChannelFlow", "Allocate", "Rewrite",
-           "Finalize"]
+           "Reconstruct", "Finalize"]

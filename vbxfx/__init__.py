@@ -13,6 +13,7 @@ from vbxfx.passes.finalize import finalize
 from vbxfx.pipeline import CompressResult, compress
 from vbxfx.seed_api import compress_vbx3, compress_vbx3_unstructured
 from vbxfx.passes.allocate import Allocation, allocate
+from vbxfx.reconstruct import ReconstructResult, reconstruct
 
 __version__ = "0.1.0"
 
@@ -25,5 +26,5 @@ __all__ = [
     "export_onnx", "read_annotations", "ExportReport", "check_onnx", "CheckReport",
     "VBXConv2d", "VBXLinear", "LayerAnnotation", "is_compressed", "finalize", "compress",
     "CompressResult", "compress_vbx3", "compress_vbx3_unstructured",
-    "allocate", "Allocation",
+    "allocate", "Allocation", "reconstruct", "ReconstructResult",
 ]

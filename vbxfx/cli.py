@@ -132,7 +132,8 @@ def cmd_compress(args: argparse.Namespace, con: _Console) -> int:
         result = vbxfx.compress(resolved.model, example, compression=args.compression,
                                 budget=args.budget, sensitivity=args.sensitivity,
                                 json_file=args.json_file, exclude=tuple(args.exclude or ()),
-                                calib_data=calib, fmt=args.fmt, allow_dense=args.allow_dense)
+                                calib_data=calib, fmt=args.fmt, allow_dense=args.allow_dense,
+                                reconstruct=calib is not None and not args.no_reconstruct)
     out: dict[str, Any] = {"model": resolved.description, "report": result.report}
     con.out(format_report(result.report, max_rows=args.max_rows))
     status = EXIT_OK
@@ -227,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", choices=("weight", "output"), default="weight",
                    help="data-free weight error (default) or output error on --calib data")
     p.add_argument("--calib", help="calibration data: image folder, .pt/.npy tensor, or skimage[:N]")
+    p.add_argument("--no-reconstruct", action="store_true",
+                   help="with --calib: do not refit the kept weights to the dense outputs")
     p.add_argument("--fmt", choices=("comp", "ucomp"), default="comp", help="structured (default) or unstructured")
     p.add_argument("--allow-dense", action="store_true", help="let the allocator keep sensitive layers dense")
     p.add_argument("-o", "--output", help="write annotated ONNX here and check it")

