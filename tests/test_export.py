@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import zlib
 
 import numpy as np
@@ -241,6 +242,9 @@ def test_export_small_model_both_exporters(tmp_path, dynamo):
     path = tmp_path / "m.onnx"
     report = vbxfx.export_onnx(model, x, path, annotations=notes, dynamo=dynamo)
     assert report.exporter == ("dynamo" if dynamo else "torchscript")
+    # nothing else is left beside the output: the dynamo exporter writes its weights to a
+    # side file, which must end up inside the one self-contained .onnx
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
     assert set(report.layers) == {"conv1", "conv2", "fc"}
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
     onnx.checker.check_model(str(path), full_check=True)

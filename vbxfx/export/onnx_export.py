@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -123,13 +124,16 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     work, notes = _finalize(work, annotations)
     _check_layers(work, notes)
     use_dynamo = choose_exporter(work) if dynamo is None else dynamo
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=directory)
-    os.close(fd)
+    # a private scratch folder beside the output (one file system, so the final rename is
+    # atomic): the exporters may write side files next to their output (the dynamo exporter
+    # puts the weights in ``<name>.onnx.data``, TorchScript large tensors in files of their
+    # own), and removing the folder removes whatever they wrote
+    scratch = tempfile.mkdtemp(prefix=".vbxfx-export-", dir=os.path.dirname(os.path.abspath(path)))
+    tmp = os.path.join(scratch, "model.onnx")
     try:
         used = _export(model, work, inputs, tmp, opset, use_dynamo, dynamo is None,
                        input_names, output_names)
-        proto = onnx.load(tmp)
+        proto = onnx.load(tmp)  # external data too: the file written below holds everything
         layers = annotate(proto, work, notes)
         onnx.save(proto, tmp)
         try:
@@ -138,8 +142,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             raise ExportError(f"the exported model fails the ONNX checker: {e}") from e
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        shutil.rmtree(scratch, ignore_errors=True)
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     report = ExportReport(path, used, int(opset_used), layers, time.perf_counter() - start,
                           os.path.getsize(path))

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from vbxfx.export.annotations import LayerAnnotation
-from vbxfx.format import (BLOCK, explain_violation, fits, padded_channels, quantize_int8,
-                          to_blocks, unstructured_macs, weight_repeat)
+from vbxfx.format import (BLOCK, explain_violation, padded_channels, quantize_int8, to_blocks,
+                          unstructured_macs)
+from vbxfx.format.structured import fits_blocks
 
 __all__ = ["LayerVerdict", "verify_layer", "dense_mults"]
 
@@ -73,78 +74,85 @@ def _where(shape: tuple[int, ...], flat: int) -> str:
     return f"out channel {o}, in channel {i} (block {i // BLOCK})"
 
 
-def _agreement(weight: torch.Tensor, q: torch.Tensor, ann: LayerAnnotation) -> list[str]:
-    """The disagreements between the weight and its encoding (numpy: single-threaded
-    element-wise work is faster than torch's here)."""
+def _agreement(weight: torch.Tensor, q: torch.Tensor, ann: LayerAnnotation
+               ) -> tuple[list[str], int]:
+    """``(disagreements between the weight and its encoding, paired weights declared)``.
+
+    numpy (single-threaded element-wise work is faster than torch's here); the pair checks
+    look at the paired weights only (positions ``p``, partners ``j``), the rest of the
+    weight needs no work there. A problem names the first weight it hits, in flat order.
+    """
     enc, shape = ann.encoding, tuple(weight.shape)
     w = weight.reshape(-1).numpy()
-    qa = np.abs(q.reshape(-1).numpy())
+    qf = q.reshape(-1).numpy()
     mask = enc.mask.detach().reshape(-1).cpu().numpy().astype(bool, copy=False)
-    idx = enc.pair_index.detach().reshape(-1).cpu().numpy().astype(np.int64, copy=False)
+    idx = enc.pair_index.detach().reshape(-1).cpu().numpy()
     sign = enc.pair_sign.detach().reshape(-1).cpu().numpy()
     n = w.size
-    flat = np.arange(n)
     nz = w != 0
     paired = idx >= 0
-    checks: list[tuple[str, np.ndarray]] = []
+    p = np.flatnonzero(paired)
+    checks: list[tuple[str, np.ndarray, np.ndarray | None]] = []  # (what, bad, positions)
     wrong = nz != mask
     if wrong.any():  # an all-zero output channel (a BatchNorm scale of 0) is accepted
         zero_channel = ~nz.reshape(shape[0], -1).any(axis=1)
         checks.append(("the mask does not match the weight's nonzeros",
-                       wrong & ~np.repeat(zero_channel, n // shape[0])))
+                       wrong & ~np.repeat(zero_channel, n // shape[0]), None))
     checks.append(("pair_sign is set on an unpaired weight or missing on a pair",
-                   (sign != 0) != paired))
+                   (sign != 0) != paired, None))
     # the partner must lie in the same input-channel vector: a whole number of channel
     # strides away, inside the channels
     stride = n // (shape[0] * shape[1])
-    delta = np.where(paired, idx - flat, 0)
+    j = idx[p].astype(np.int64, copy=False)
+    delta = j - p
     off = delta if stride == 1 else delta // stride
-    channel = np.broadcast_to(np.arange(shape[1]).reshape(1, -1, *([1] * (len(shape) - 2))),
-                              shape).reshape(-1)
+    channel = (p if stride == 1 else p // stride) % shape[1]
     ch_j = channel + off
-    outside = paired & ((off * stride != delta) | (ch_j < 0) | (ch_j >= shape[1]))
+    outside = (off * stride != delta) | (ch_j < 0) | (ch_j >= shape[1])
     if outside.any():
         return [f"annotation disagrees with the weight: a pair leaves its input-channel vector "
-                f"at {_where(shape, int(np.flatnonzero(outside)[0]))}"]
-    partner = np.where(paired, idx, flat)
-    negative = w < 0
+                f"at {_where(shape, int(p[np.argmax(outside)]))}"], p.size
+    wp, wj = w[p], w[j]
+    nz_p, nz_j = wp != 0, wj != 0
     checks += [
-        ("a pair is not mutual", paired & (idx[partner] != flat)),
-        ("a paired weight is masked out", paired & ~(mask & mask[partner])),
-        ("a pair's int8 magnitudes differ", paired & (qa != qa[partner])),
+        ("a pair is not mutual", idx[j] != p, p),
+        ("a paired weight is masked out", ~(mask[p] & mask[j]), p),
+        ("a pair's int8 magnitudes differ", np.abs(qf[p]) != np.abs(qf[j]), p),
         ("a pair's sign relation differs from pair_sign",
-         paired & nz & nz[partner] & ((negative == negative[partner]) != (sign > 0))),
+         nz_p & nz_j & (((wp < 0) == (wj < 0)) != (sign[p] > 0)), p),
     ]
     if ann.fmt == "comp":
-        checks.append(("a pair crosses an 8-channel block",
-                       paired & ((ch_j >> 3) != (channel >> 3))))
+        checks.append(("a pair crosses an 8-channel block", (ch_j >> 3) != (channel >> 3), p))
     else:
-        checks.append(("a pair joins two even or two odd input channels",
-                       paired & ((off & 1) == 0)))
+        checks.append(("a pair joins two even or two odd input channels", (off & 1) == 0, p))
     problems = []
-    for what, bad in checks:
+    for what, bad, positions in checks:
         if bad.any():
             hits = np.flatnonzero(bad)
+            first = int(hits[0] if positions is None else positions[hits[0]])
             problems.append(f"annotation disagrees with the weight: {what} at "
-                            f"{_where(shape, int(hits[0]))} ({hits.size} weight(s))")
-    return problems
-
-
-def _full_subpair(q: torch.Tensor) -> bool:
-    """Whether some sub-pair holds two nonzeros (which rules repeat 1 out)."""
-    nz = to_blocks(q) != 0
-    return bool((nz[:, 0::2] & nz[:, 1::2]).any())
+                            f"{_where(shape, first)} ({hits.size} weight(s))")
+    return problems, p.size
 
 
 def _compiler_repeat(q: torch.Tensor, declared: int) -> tuple[int, bool]:
-    """``(repeat vnnx_compile picks, whether it is <= declared)`` on int8 values ``q``
-    (float), with as few full block checks as the cheap necessary conditions allow."""
-    if declared < 4 and not fits(q, declared, quantize=False):
-        return weight_repeat(q, quantize=False), False
+    """``(repeat vnnx_compile picks, whether it is <= declared)`` on int8 values ``q``, with
+    the blocks laid out once and as few full block checks as the cheap necessary
+    conditions allow."""
+    blocks = to_blocks(q).t().contiguous()             # [8, n] float32
+
+    def fits_at(r: int) -> bool:
+        return bool(fits_blocks(blocks, r).all())
+
+    if declared < 4 and not fits_at(declared):
+        return next((r for r in (1, 2) if r < declared and fits_at(r)), 4), False
     for r in (1, 2):
-        if r >= declared or (r == 1 and _full_subpair(q)):
+        if r >= declared:
             continue
-        if fits(q, r, quantize=False):
+        nz = blocks != 0
+        if r == 1 and bool((nz[0::2] & nz[1::2]).any()):  # a full sub-pair: not repeat 1
+            continue
+        if fits_at(r):
             return r, True
     return declared, True
 
@@ -160,13 +168,13 @@ def verify_layer(weight: torch.Tensor, ann: LayerAnnotation, where: str) -> Laye
         return LayerVerdict(False, False, None, 0, 0, (msg,))
     weight = weight.detach().to(torch.float32).cpu()
     q, _ = quantize_int8(weight)
-    problems = [f"{where}: {p}" for p in _agreement(weight, q, ann)]
-    declared_pairs = int((enc.pair_index >= 0).sum()) // 2
+    disagreements, paired = _agreement(weight, q, ann)
+    problems = [f"{where}: {p}" for p in disagreements]
+    declared_pairs = paired // 2
     if ann.fmt == "comp":
-        qf = q.to(torch.float32)
-        compiler_repeat, fit_ok = _compiler_repeat(qf, ann.repeat)
+        compiler_repeat, fit_ok = _compiler_repeat(q, ann.repeat)
         if not fit_ok:
-            violation = explain_violation(qf, ann.repeat, quantize=False)
+            violation = explain_violation(q.to(torch.float32), ann.repeat, quantize=False)
             problems.insert(0, f"{where}: int8 weight at {violation}")
         mults = _comp_mults(shape, compiler_repeat)
         declared = _comp_mults(shape, ann.repeat)
