@@ -44,12 +44,16 @@ def test_every_stage_timed_and_the_check_passes(bench_tool):
         assert result.notes[name], name
     assert result.notes["check"].startswith("ok: 10/10 layers fit"), result.notes["check"]
     assert result.notes["export"].startswith("torchscript, 10 annotated layers")
-    assert "torchscript (dynamo=False)" in result.notes["plain onnx export"]
+    assert "torchscript (dynamo=False)" in result.notes["plain export, same exporter"]
+    default = "dynamo" if bench_tool.DEFAULT_DYNAMO else "torchscript"
+    assert result.notes["plain torch.onnx.export"].startswith(f"torch defaults: {default}")
     in_total = [s.name for s in bench_tool.PIPELINE if s.in_total]
     assert in_total == ["trace", "analyze", "allocate", "rewrite", "export", "check"]
     assert result.total == [pytest.approx(sum(result.times[n][0] for n in in_total))]
-    assert result.plain == result.times["plain onnx export"]
-    assert math.isfinite(result.ratio()) and result.ratio() > 0
+    for ref in ("plain torch.onnx.export", "plain export, same exporter"):
+        ratio = result.ratio(ref)
+        assert math.isfinite(ratio) and ratio == pytest.approx(
+            result.total[0] / result.times[ref][0])
     rows = result.rows()
     assert [r[1] for r in rows[:-1]] == names and rows[-1][1].startswith("vbxfx total")
 
