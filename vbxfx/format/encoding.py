@@ -23,14 +23,15 @@ True
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from vbxfx.errors import FormatError
-from vbxfx.format.cost import check_repeat
+from vbxfx.format.cost import BLOCK, check_repeat, padded_channels
 from vbxfx.format.layout import check_weight, from_blocks, from_vectors, to_blocks, to_vectors
-from vbxfx.format.structured import _IDX, fits_blocks
+from vbxfx.format.structured import _pair_ok, _rows_ok, fits_blocks
 from vbxfx.format.weights import explain_violation, weight_repeat
 
 __all__ = ["PairEncoding", "encode_weight", "encode_unstructured", "apply_encoding",
@@ -66,48 +67,43 @@ class PairEncoding:
                             self.pair_sign.to(device), self.format)
 
 
-def _split_partners() -> torch.Tensor:
-    """Partner of each element per repeat-2 split c = 4*t1 + 2*t2 + t3 (``[8, 8]``)."""
-    rows = []
-    for c in range(8):
-        t1, t2, t3 = c // 4, (c // 2) % 2, c % 2
-        p = [0] * 8
-        for i, j in ((0, 2 + t1), (1, 3 - t1), (4 + t2, 6 + t3), (5 - t2, 7 - t3)):
-            p[i], p[j] = j, i
-        rows.append(p)
-    return torch.tensor(rows)
+def _first_valid_split(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lowest split c (0..7) whose two rows fit, whether one does)`` per block, from
+    ``[8 splits, n]`` bools.
+
+    Elementwise only (a reduction over the 8 rows, argmax or any, is 50-500x slower on CPU
+    here): the splits as bits of one int, its lowest set bit, that bit's position."""
+    code = valid[0].to(torch.int32)
+    for c in range(1, 8):
+        code = code | (valid[c].to(torch.int32) << c)
+    lowest = code & -code
+    return torch.frexp(lowest.to(torch.float32)).exponent - 1, code != 0
 
 
-_SPLIT_PARTNERS = _split_partners()
+def _partners(w: torch.Tensor, repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(partner row (0..7) of every element, whether the block fits)`` of ``[8, n]``
+    blocks (the partner is the element itself when it has none).
 
-
-def _partners(w: torch.Tensor, repeat: int) -> torch.Tensor:
-    """Partner row (0..7) of every element of ``[8, n]`` fitting blocks (self if none)."""
+    Repeat 2 takes the first split c = 4*t1 + 2*t2 + t3 that fits. Its pairs are (0, 2+t1),
+    (1, 3-t1), (4+t2, 6+t3) and (5-t2, 7-t3), so, with x = t2 xor t3, rows 0..7 pair with
+    2+t1, 3-t1, t1, 1-t1, 6+x, 7-x, 4+x, 5-x.
+    """
     n = w.shape[1]
-    rows = torch.arange(8).unsqueeze(1).expand(8, n)
     if repeat == 4:
-        return rows.clone()
+        return torch.arange(8).unsqueeze(1).expand(8, n).clone(), torch.ones(n, dtype=torch.bool)
     if repeat == 2:
-        wi, wj = w.index_select(0, _IDX["pi"]), w.index_select(0, _IDX["pj"])
-        full = (wi != 0) & (wj != 0)
-        ok = ~full | (wi.abs() == wj.abs())
-        opp = (wi < 0) != (wj < 0)
-
-        def rows_ok(li: str, hi: str) -> torch.Tensor:
-            fl, fh = full.index_select(0, _IDX[li]), full.index_select(0, _IDX[hi])
-            same = opp.index_select(0, _IDX[li]) == opp.index_select(0, _IDX[hi])
-            return ok.index_select(0, _IDX[li]) & ok.index_select(0, _IDX[hi]) & (~fl | ~fh | same)
-
-        valid = rows_ok("al", "ah") & rows_ok("bl", "bh")            # [8 splits, n]
-        split = valid.to(torch.int8).argmax(dim=0)                  # first valid split
-        return _SPLIT_PARTNERS[split].t().contiguous()
+        full, ok, opp = _pair_ok(w)
+        split, fit = _first_valid_split(_rows_ok(full, ok, opp, "al", "ah")
+                                        & _rows_ok(full, ok, opp, "bl", "bh"))
+        t1, x = (split >> 2) & 1, ((split >> 1) ^ split) & 1
+        return torch.stack([2 + t1, 3 - t1, t1, 1 - t1, 6 + x, 7 - x, 4 + x, 5 - x]).long(), fit
     # repeat 1: the partner of a nonzero is the nonzero of the other sub-pair of its half
-    partner = rows.clone()
+    partner = torch.empty(8, n, dtype=torch.int64)
     nz = w != 0
     for k in range(8):
         other = (k // 4) * 4 + (2 if (k % 4) < 2 else 0)
         partner[k] = torch.where(nz[other], other, other + 1)
-    return partner
+    return partner, fits_blocks(w, 1)
 
 
 @torch.no_grad()
@@ -123,17 +119,27 @@ def encode_weight(weight: torch.Tensor, repeat: int | None = None) -> PairEncodi
     if repeat is None:
         repeat = weight_repeat(weight, quantize=False)
     check_repeat(repeat)
-    w = to_blocks(weight).t().contiguous()
-    if not bool(fits_blocks(w, repeat).all()):
+    w = to_blocks(weight.detach().cpu()).t().contiguous()
+    partner, fit = _partners(w, repeat)
+    if not bool(fit.all()):
         raise FormatError(f"cannot encode: {explain_violation(weight, repeat, quantize=False)}")
-    flat = torch.arange(weight.numel(), device=weight.device).reshape(weight.shape)
-    flat_blocks = to_blocks(flat.cpu(), dtype=torch.int64, pad_value=-1).t()
-    partner = _partners(w, repeat)
-    wp = w.gather(0, partner)
-    paired = (w != 0) & (wp != 0) & (partner != torch.arange(8).unsqueeze(1))
-    index = torch.where(paired, flat_blocks.gather(0, partner), torch.full_like(partner, -1))
-    sign = torch.where(paired, torch.where((w < 0) == (wp < 0), 1, -1), 0).to(torch.int8)
+    rows = torch.arange(8).unsqueeze(1)
+    paired = (w != 0) & (w.gather(0, partner) != 0) & (partner != rows)
     shape = weight.shape
+    index = torch.full((8, w.shape[1]), -1, dtype=torch.int64)
+    sign = torch.zeros((8, w.shape[1]), dtype=torch.int8)
+    r, b = paired.nonzero(as_tuple=True)
+    if r.numel():
+        # block b, row r is input channel 8*(b % blocks_per_vector) + r of vector b // that,
+        # and a channel step is ``stride`` flat positions in the [O, I, kh, kw] weight
+        per_vector = padded_channels(shape[1]) // BLOCK
+        vector, channel = b // per_vector, (b % per_vector) * BLOCK + r
+        stride = math.prod(shape[2:])
+        o, spatial = vector // stride, vector % stride
+        flat = (o * shape[1] + channel) * stride + spatial
+        pr = partner[r, b]
+        index[r, b] = flat + (pr - r) * stride
+        sign[r, b] = torch.where((w[r, b] < 0) == (w[pr, b] < 0), 1, -1).to(torch.int8)
     return PairEncoding(
         repeat=repeat,
         mask=(weight != 0).detach().clone(),
