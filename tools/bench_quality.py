@@ -23,7 +23,7 @@ Each is measured one-shot and after the same label-free recovery budget:
 digits, with labels): accuracy per variant one-shot and after ``--digits-epochs`` epochs of
 fine-tuning.
 
-    python tools/bench_quality.py                        # everything (about an hour on 2 cores)
+    python tools/bench_quality.py                        # everything (about 30 minutes on 2 cores)
     python tools/bench_quality.py --targets 0.5 --recover plain pairing default
 """
 
@@ -149,6 +149,7 @@ def run_mobilenet(args, out: Callable[[str], None]) -> list[dict]:
         f"top-1 classes), {sum(len(b) for b in s.calibration)} calibration crops, recovery: "
         f"{args.steps} distillation steps of {args.batch} at {args.size} px on "
         f"{len(s.recovery)} crops")
+    out(header())
     rows = []
     for target in args.targets:
         for variant in args.variants:
@@ -283,7 +284,6 @@ def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> d
         f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.2f}")
     results: dict = {}
     if not args.no_mobilenet:
-        out(header())
         results["mobilenet"] = run_mobilenet(args, out)
     if not args.no_digits:
         results["digits"] = run_digits(args, out)
