@@ -1,0 +1,47 @@
+"""Smoke runs of the timing benchmarks without a test of their own (tiny sizes, one run):
+each must finish and print its table with finite numbers."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+_TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tools")
+
+
+def _run(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, os.path.join(_TOOLS, script), *args],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_bench_format_tiny():
+    pytest.importorskip("torchvision")
+    out = _run("bench_format.py", "--model", "resnet18", "--repeats", "1", "--threads", "1")
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+[12]\s", line)]
+    assert len(rows) == 4, out                  # repeat 2 and 1, pairing and plain
+    errors = {(r[0], r[1]): float(r[-1]) for r in rows}
+    # pairing is the better projection at both levels (relative squared error)
+    assert errors[("2", "exact")] < errors[("2", "plain")]
+    assert errors[("1", "exact")] < errors[("1", "plain")]
+    assert all(math.isfinite(float(r[-3])) and float(r[-3]) > 0 for r in rows)  # best s
+
+
+def test_bench_finetune_tiny():
+    pytest.importorskip("torchvision")
+    out = _run("bench_finetune.py", "--batch", "2", "--size", "64", "--rounds", "1",
+               "--steps", "1", "--refreshes", "1", "--threads", "1")
+    ratios = {m.group(1): float(m.group(2))
+              for m in re.finditer(r"^(dense|vbxfx)\s.*\s([\d.]+)x$", out, re.M)}
+    assert set(ratios) == {"dense", "vbxfx"}, out
+    assert ratios["dense"] == 1.0 and ratios["vbxfx"] > 0
+    assert "one refresh of all layers" in out
