@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 
@@ -33,11 +34,14 @@ def tool():
 
 def test_tiny_run_measures_every_variant(tool):
     lines: list[str] = []
+    level, threads = logging.getLogger("vbxfx").level, torch.get_num_threads()
     results = tool.main(["--targets", "0.5", "--eval", "16", "--calib", "16",
                          "--recovery-crops", "16", "--resolution", "96", "--steps", "2",
                          "--size", "64", "--recover", "plain", "default",
                          "--digits-epochs", "1", "--digits-dense-epochs", "2",
                          "--threads", "1"], out=lines.append)
+    # the run leaves the process as it found it (later tests read vbxfx's warnings)
+    assert (logging.getLogger("vbxfx").level, torch.get_num_threads()) == (level, threads)
     rows = {r["variant"]: r for r in results["mobilenet"]}
     assert set(rows) == set(tool.VARIANTS)
     for r in rows.values():

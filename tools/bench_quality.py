@@ -276,20 +276,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> dict:
+    """Run the benchmark; torch's thread count and the vbxfx log level are restored after."""
     args = parse_args(argv)
+    logger = logging.getLogger("vbxfx")
+    level, threads = logger.level, torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    logging.getLogger("vbxfx").setLevel(logging.ERROR)   # the below-range target warnings
-    start = time.perf_counter()
-    out(f"torch {torch.__version__}, {args.threads} threads, "
-        f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.2f}")
-    results: dict = {}
-    if not args.no_mobilenet:
-        results["mobilenet"] = run_mobilenet(args, out)
-    if not args.no_digits:
-        results["digits"] = run_digits(args, out)
-    out(f"\n({time.perf_counter() - start:.0f} s, load average {os.getloadavg()[0]:.2f})")
-    return results
-
+    logger.setLevel(logging.ERROR)   # the below-range target warnings
+    try:
+        start = time.perf_counter()
+        out(f"torch {torch.__version__}, {args.threads} threads, "
+            f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.2f}")
+        results: dict = {}
+        if not args.no_mobilenet:
+            results["mobilenet"] = run_mobilenet(args, out)
+        if not args.no_digits:
+            results["digits"] = run_digits(args, out)
+        out(f"\n({time.perf_counter() - start:.0f} s, load average {os.getloadavg()[0]:.2f})")
+        return results
+    finally:
+        logger.setLevel(level)
+        torch.set_num_threads(threads)
 
 if __name__ == "__main__":
     main()
