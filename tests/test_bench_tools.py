@@ -1,4 +1,4 @@
-"""Smoke runs of the timing benchmarks without a test of their own (tiny sizes, one run):
+"""Smoke runs of the benchmarks without a test of their own (tiny sizes, one run):
 each must finish and print its table with finite numbers."""
 
 from __future__ import annotations
@@ -45,3 +45,13 @@ def test_bench_finetune_tiny():
     assert set(ratios) == {"dense", "vbxfx"}, out
     assert ratios["dense"] == 1.0 and ratios["vbxfx"] > 0
     assert "one refresh of all layers" in out
+
+
+def test_bench_payloads_tiny():
+    pytest.importorskip("torchvision")
+    out = _run("bench_payloads.py", "--model", "mobilenet_v3_small", "--threads", "1")
+    sizes = {m.group(1): float(m.group(2))
+             for m in re.finditer(r"^(huffman-only|zlib level \d).*\s([\d.]+)$", out, re.M)}
+    assert set(sizes) == {"huffman-only", "zlib level 6", "zlib level 1"}, out
+    raw = float(re.search(r"([\d.]+) MB raw", out).group(1))
+    assert 0 < sizes["huffman-only"] < raw       # it does compress the payloads

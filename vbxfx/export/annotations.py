@@ -130,14 +130,19 @@ def normalize_annotations(annotations: Mapping[str, Any]) -> dict[str, LayerAnno
 # --------------------------------------------------------------------------- encoding
 
 
-def _pack(raw: bytes) -> str:
-    """``base64(zlib stream of raw)``. Huffman-only deflate: any zlib reader decodes it as it
-    decodes ``zlib.compress(raw)``. On these arrays (near-random mask/sign bits, offsets from a
-    few values) string matching finds next to nothing, so the default level 6 spends 10x the
-    time for a larger result: resnet18 at 66 %, 14.6 MB raw -> 5.35 MB in 0.15 s, level 6
-    5.42 MB in 1.6 s, level 1 6.23 MB in 0.23 s (one core)."""
+def deflate(raw: bytes) -> bytes:
+    """A zlib stream of ``raw``, Huffman-only: any zlib reader decodes it as it decodes
+    ``zlib.compress(raw)``. On these arrays (near-random mask/sign bits, offsets from a few
+    values) string matching finds next to nothing, so zlib's default level 6 takes more than
+    10x the time for a slightly larger result (``python tools/bench_payloads.py``: resnet18
+    at 0.66, 14.6 MB raw -> 5.34 MB in 0.10 s; level 6 5.42 MB in 1.34 s)."""
     packer = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
-    return base64.b64encode(packer.compress(raw) + packer.flush()).decode("ascii")
+    return packer.compress(raw) + packer.flush()
+
+
+def _pack(raw: bytes) -> str:
+    """``base64(deflate(raw))``."""
+    return base64.b64encode(deflate(raw)).decode("ascii")
 
 
 def _unpack(text: str, where: str, key: str) -> bytes:
