@@ -154,3 +154,5 @@ def test_errors_are_raised_before_any_change():
     assert model.layer1.conv1.bias is None
     with pytest.raises(ConfigError, match="calib_data"):
         vbxfx.compress(dense, x[:1], compression=0.5, reconstruct=True)
+    with pytest.raises(ConfigError, match="reconstruct must be True, False or None"):
+        vbxfx.compress(dense, x[:1], compression=0.5, calib_data=x, reconstruct="yes")

@@ -22,7 +22,8 @@ matrices would exceed ``max_stats_bytes`` together go to further forwards.
 The refit is layer-local: every layer sees the dense model's inputs, so all layers refit
 from one forward. Refitting to the compressed model's inputs instead (to absorb the error
 of the layers before) must go layer by layer; doing it for all layers at once from one
-forward over-corrects: on MobileNetV2 at 2:4 it took top-1 agreement from 71% (local) to 0%.
+forward over-corrects (a prototype of it on MobileNetV2 at 2:4 agreed with the dense model
+on none of the crops where the local refit agrees on 66%, tools/bench_quality.py).
 
 >>> import torch, vbxfx
 >>> from vbxfx.demo import DemoNet
