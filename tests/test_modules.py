@@ -67,8 +67,10 @@ def test_buffers_and_encoding():
     assert torch.equal(enc.pair_index, expected.pair_index)
     assert torch.equal(enc.pair_sign, expected.pair_sign)
     assert 0.0 < enc.paired_fraction <= 1.0
-    assert set(m.state_dict()) == {"weight", "bias", "mask", "pair_index", "pair_sign",
-                                   "vbx_repeat", "_extra_state"}
+    sd = m.state_dict()
+    assert set(sd) == {"weight", "bias", "vbx_repeat", "vbx_pattern", "vbx_state"}
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    assert sd["vbx_pattern"].dtype == torch.uint8 and sd["vbx_pattern"].numel() * 2 >= m.weight.numel()
 
 
 def test_gradient_reaches_dense_weight_exactly():
@@ -195,8 +197,10 @@ def test_state_dict_roundtrip():
 def test_load_rejects_asymmetric_pairs():
     m = VBXLinear.from_dense(nn.Linear(16, 8), repeat=2)
     sd = m.state_dict()
-    paired = (sd["pair_index"] >= 0).nonzero()[0]
-    sd["pair_index"][tuple(paired)] = -1  # its partner still points at it
+    first = int((m.pair_index.reshape(-1) >= 0).nonzero()[0, 0])
+    code = sd["vbx_pattern"]
+    keep = code[first // 2] & (0xF0 if first % 2 == 0 else 0x0F)
+    code[first // 2] = keep | (1 << (4 * (first % 2)))   # "kept, unpaired"; its partner still points at it
     with pytest.raises(RuntimeError, match="not symmetric"):
         VBXLinear.from_dense(nn.Linear(16, 8), repeat=2).load_state_dict(sd)
 

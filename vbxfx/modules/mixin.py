@@ -21,12 +21,23 @@ optimizer step in the usual loop) and recomputes the optimal pattern from the de
 ``refresh_every`` counted ones. With gradient accumulation over k micro-batches, the pattern
 changes every ``refresh_every / k`` optimizer steps: scale the setting. ``refresh_every=None``
 keeps the pattern fixed; :meth:`~CompressedMixin.freeze` fixes it for good. The counter is
-plain Python state (no device sync) saved in ``state_dict`` through ``get_extra_state``, so a
-checkpoint resumes exactly; under ``torch.compile`` the counter runs outside the graph
+plain Python state (no device sync), mirrored into the int64 buffer ``vbx_state`` whenever a
+``state_dict`` is taken, so a checkpoint resumes exactly; under ``torch.compile`` the counter runs outside the graph
 (``torch.compiler.disable``: one graph break per compressed layer while refreshes are on,
 none with ``refresh_every=None`` or after ``freeze()``; a refresh causes no recompilation). Under multi-GPU ``nn.DataParallel`` the replicas count, not the
 module: call :func:`vbxfx.modules.refresh_patterns` yourself there (on CPU or one GPU
 DataParallel calls the module directly and the counter works).
+
+**What is saved.** ``state_dict`` holds tensors only, so EMA code that iterates it
+(ultralytics' ``ModelEMA``, timm's), ``torch.jit`` and the TorchScript ONNX exporter work
+unchanged: ``weight``/``bias``, ``vbx_repeat``, ``vbx_pattern`` (the pattern, half a byte per
+weight in the structured format: :mod:`vbxfx.modules.pattern_code`) and ``vbx_state``
+(int64: layout version, step counter, ``refresh_every`` or -1, flags frozen/pairing, and the
+float64 bits of ``compression``, NaN when None). ``mask``, ``pair_index``, ``pair_sign`` and
+the projection's coefficients are buffers derived from ``vbx_pattern``: they move with
+``.to()`` but are neither saved nor pickled (``copy.deepcopy`` and ``torch.save`` of the
+whole module rebuild them), which keeps checkpoints small. State dicts and pickles written
+by vbxfx 0.1.0 (``mask``/``pair_index``/``pair_sign`` and a dict ``_extra_state``) still load.
 """
 
 from __future__ import annotations
@@ -43,6 +54,8 @@ from torch import nn
 from vbxfx.errors import ConfigError, FormatError
 from vbxfx.format import (PairEncoding, encode_unstructured, encode_weight, pattern_coefficients,
                           project_unstructured, project_weight, weight_repeat)
+from vbxfx.modules.legacy_state import upgrade_v1_module, upgrade_v1_state_dict
+from vbxfx.modules.pattern_code import pack_pattern, unpack_pattern
 
 __all__ = ["CompressedMixin", "DEFAULT_REFRESH_EVERY", "FORMATS"]
 
@@ -62,7 +75,9 @@ FORMATS = ("comp", "ucomp")
 #: training time; N=10 would cost 10-40 %.
 DEFAULT_REFRESH_EVERY = 100
 _UNSET: Any = object()  # "repeat not given": 2 for "comp", nothing for "ucomp"
-_STATE_VERSION = 1
+_STATE_VERSION = 2                   # layout of vbx_state; 1 was the dict _extra_state of 0.1.0
+_DERIVED = ("mask", "pair_index", "pair_sign", "vbx_coef_a", "vbx_coef_b", "vbx_gather_index")
+_FROZEN, _PAIRING = 1, 2             # vbx_state flag bits
 
 
 class _PatternProjection(torch.autograd.Function):
@@ -141,18 +156,10 @@ class CompressedMixin:
         self._vbx_paired = False
         if not hasattr(self, "_vbx_name"):
             self._vbx_name = ""
-        shape, dev = w.shape, w.device
-        self.register_buffer("mask", torch.zeros(shape, dtype=torch.bool, device=dev))
-        self.register_buffer("pair_index", torch.full(shape, -1, dtype=torch.int64, device=dev))
-        self.register_buffer("pair_sign", torch.zeros(shape, dtype=torch.int8, device=dev))
+        dev = w.device
         self.register_buffer("vbx_repeat", torch.tensor(repeat, dtype=torch.int64, device=dev))
-        # the projection's coefficients: derived from the four above, rebuilt on load
-        self.register_buffer("vbx_coef_a", torch.zeros(shape, dtype=w.dtype, device=dev),
-                             persistent=False)
-        self.register_buffer("vbx_coef_b", torch.zeros(shape, dtype=w.dtype, device=dev),
-                             persistent=False)
-        self.register_buffer("vbx_gather_index", torch.zeros(w.numel(), dtype=torch.int64,
-                                                             device=dev), persistent=False)
+        self.register_buffer("vbx_state", torch.zeros(5, dtype=torch.int64, device=dev))
+        self._vbx_state_written: tuple | None = None
         self._vbx_set_pattern(self._vbx_optimal_pattern())
 
     # ------------------------------------------------------------------ the format
@@ -197,7 +204,8 @@ class CompressedMixin:
         w = self.weight
         if not self._vbx_paired:
             return self.vbx_coef_a * w
-        if torch.is_grad_enabled() and w.requires_grad:
+        if torch.is_grad_enabled() and w.requires_grad and not torch.jit.is_tracing():
+            # (a traced graph records the plain ops: the same whether gradients are on or not)
             return _PatternProjection.apply(w, self.vbx_coef_a, self.vbx_coef_b,
                                             self.vbx_gather_index)
         return _project(w, self.vbx_coef_a, self.vbx_coef_b, self.vbx_gather_index)
@@ -269,9 +277,36 @@ class CompressedMixin:
         # New tensors, never in-place writes: a graph still waiting for its backward keeps
         # the coefficients it was built with.
         dev = self.weight.device
-        self.mask = enc.mask.to(dev, torch.bool)
-        self.pair_index = enc.pair_index.to(dev, torch.int64)
-        self.pair_sign = enc.pair_sign.to(dev, torch.int8)
+        mask, index, sign = (enc.mask.to(dev, torch.bool), enc.pair_index.to(dev, torch.int64),
+                             enc.pair_sign.to(dev, torch.int8))
+        try:
+            code = pack_pattern(mask, index, sign, self.fmt)
+        except FormatError as e:
+            raise FormatError(f"{self._vbx_label()}: {e}") from e
+        self._vbx_put("vbx_pattern", code, persistent=True)
+        self._vbx_put("mask", mask)
+        self._vbx_put("pair_index", index)
+        self._vbx_put("pair_sign", sign)
+        self._vbx_rebuild_coefficients()
+
+    def _vbx_put(self, name: str, value: torch.Tensor, persistent: bool = False) -> None:
+        """Set a buffer, registering it first where it is missing (fresh layer, unpickling)."""
+        if name in self._buffers:
+            self._buffers[name] = value
+        else:
+            self.register_buffer(name, value, persistent=persistent)
+
+    @torch.no_grad()
+    def _vbx_decode_pattern(self) -> None:
+        """The derived buffers from ``vbx_pattern`` (after a load or unpickling)."""
+        try:
+            mask, index, sign = unpack_pattern(self.vbx_pattern, tuple(self.weight.shape),
+                                               self.fmt)
+        except FormatError as e:
+            raise FormatError(f"{self._vbx_label()}: {e}") from e
+        self._vbx_put("mask", mask)
+        self._vbx_put("pair_index", index)
+        self._vbx_put("pair_sign", sign)
         self._vbx_rebuild_coefficients()
 
     @torch.no_grad()
@@ -296,39 +331,84 @@ class CompressedMixin:
                               "(the partner of a weight's partner must be the weight, with the "
                               "same sign relation)")
         dtype = self.weight.dtype
-        self.vbx_coef_a = a.to(dtype)
-        self.vbx_coef_b = b.to(dtype)
-        self.vbx_gather_index = idx.to(torch.int32 if n < 2 ** 31 else torch.int64)
+        self._vbx_put("vbx_coef_a", a.to(dtype))
+        self._vbx_put("vbx_coef_b", b.to(dtype))
+        self._vbx_put("vbx_gather_index", idx.to(torch.int32 if n < 2 ** 31 else torch.int64))
         self._vbx_paired = bool((self.pair_index >= 0).any())
 
     # ------------------------------------------------------------------ state_dict
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "refresh_every": self._vbx_refresh_every,
-                "frozen": self._vbx_frozen, "steps": self._vbx_steps,
-                "pairing": self._vbx_pairing, "compression": self._vbx_compression}
+    def _vbx_state_values(self) -> tuple[int, ...]:
+        flags = (_FROZEN if self._vbx_frozen else 0) | (_PAIRING if self._vbx_pairing else 0)
+        c = self._vbx_compression
+        bits = torch.tensor(math.nan if c is None else float(c), dtype=torch.float64)
+        return (_STATE_VERSION, int(self._vbx_steps),
+                -1 if self._vbx_refresh_every is None else int(self._vbx_refresh_every),
+                flags, int(bits.view(torch.int64)))
 
-    def set_extra_state(self, state: Any) -> None:
-        keys = {"version", "refresh_every", "frozen", "steps", "pairing", "compression"}
-        if not isinstance(state, dict) or set(state) != keys \
-                or state["version"] != _STATE_VERSION:
-            raise ConfigError(f"{self._vbx_label()}: unreadable vbxfx layer state {state!r} "
-                              f"(expected the keys {sorted(keys)}, version {_STATE_VERSION})")
-        self._vbx_refresh_every = state["refresh_every"]
-        self._vbx_frozen = bool(state["frozen"])
-        self._vbx_steps = int(state["steps"])
-        self._vbx_pairing = bool(state["pairing"])
-        self._vbx_compression = state["compression"]
+    def _vbx_read_state(self, values: list[int], where: str) -> None:
+        version, steps, refresh_every, flags, bits = values
+        if version != _STATE_VERSION or steps < 0 or refresh_every == 0 or refresh_every < -1 \
+                or flags & ~(_FROZEN | _PAIRING):
+            raise ConfigError(f"{where}: unreadable vbxfx layer state {values} (expected "
+                              f"version {_STATE_VERSION}, steps >= 0, refresh_every >= 1 or -1)")
+        c = float(torch.tensor(bits, dtype=torch.int64).view(torch.float64))
+        self._vbx_steps = steps
+        self._vbx_refresh_every = None if refresh_every == -1 else refresh_every
+        self._vbx_frozen = bool(flags & _FROZEN)
+        self._vbx_pairing = bool(flags & _PAIRING)
+        self._vbx_compression = None if math.isnan(c) else c
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        values = self._vbx_state_values()
+        if values != self._vbx_state_written:   # one small copy, only when something changed
+            with torch.no_grad():
+                self.vbx_state.copy_(torch.tensor(values, dtype=torch.int64))
+            self._vbx_state_written = values
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
         error_msgs = args[-1]
+        where = prefix[:-1] or "root"
         try:
-            self._vbx_rebuild_coefficients()
-        except FormatError as e:
-            error_msgs.append(f"{prefix or 'root'}: {e}")
+            upgrade_v1_state_dict(state_dict, prefix, self)
+            saved = state_dict.get(prefix + "vbx_repeat")
+            if saved is not None and (int(saved) == 0) != (self.fmt == "ucomp"):
+                raise ConfigError(f"the saved layer is in the {'ucomp' if int(saved) == 0 else 'comp'}"
+                                  f" format, this one in {self.fmt!r}; build the layer in the "
+                                  "saved format (from_dense(..., fmt=...)) before loading")
+        except (ConfigError, FormatError) as e:
+            error_msgs.append(f"{where}: {e}")
+            return
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if prefix + "vbx_state" not in state_dict or prefix + "vbx_pattern" not in state_dict:
+            return                         # reported as missing keys by torch (strict loads)
+        try:
+            self._vbx_read_state(self.vbx_state.tolist(), where)
+            self._vbx_state_written = None
+            self._vbx_decode_pattern()
+        except (ConfigError, FormatError) as e:
+            error_msgs.append(f"{where}: {e}")
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        """The module's state without the buffers derived from ``vbx_pattern``."""
+        state = self.__dict__.copy()
+        buffers = state["_buffers"].copy()
+        for name in _DERIVED:
+            buffers.pop(name, None)
+        state["_buffers"] = buffers
+        state["_vbx_state_written"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "vbx_pattern" not in self._buffers:      # a module pickled by vbxfx 0.1.0
+            upgrade_v1_module(self)
+        self._vbx_decode_pattern()
 
     def _vbx_extra_repr(self) -> str:
         level = f"repeat={self.repeat}" if self.fmt == "comp" else \
             f"compression={self._vbx_compression:g}"
         policy = "frozen" if self._vbx_frozen else f"refresh_every={self._vbx_refresh_every}"
         return f"fmt={self.fmt!r}, {level}, pairing={self._vbx_pairing}, {policy}"
+
