@@ -54,8 +54,8 @@ from torch import nn
 from vbxfx.errors import ConfigError, FormatError
 from vbxfx.format import (PairEncoding, encode_unstructured, encode_weight, pattern_coefficients,
                           project_unstructured, project_weight, weight_repeat)
-from vbxfx.modules.legacy_state import upgrade_v1_module, upgrade_v1_state_dict
 from vbxfx.modules.pattern_code import pack_pattern, unpack_pattern
+from vbxfx.modules.state import LayerStateMixin
 
 __all__ = ["CompressedMixin", "DEFAULT_REFRESH_EVERY", "FORMATS"]
 
@@ -75,9 +75,6 @@ FORMATS = ("comp", "ucomp")
 #: training time; N=10 would cost 10-40 %.
 DEFAULT_REFRESH_EVERY = 100
 _UNSET: Any = object()  # "repeat not given": 2 for "comp", nothing for "ucomp"
-_STATE_VERSION = 2                   # layout of vbx_state; 1 was the dict _extra_state of 0.1.0
-_DERIVED = ("mask", "pair_index", "pair_sign", "vbx_coef_a", "vbx_coef_b", "vbx_gather_index")
-_FROZEN, _PAIRING = 1, 2             # vbx_state flag bits
 
 
 class _PatternProjection(torch.autograd.Function):
@@ -139,7 +136,7 @@ def check_config(weight: torch.Tensor, fmt: Any, repeat: Any, compression: Any, 
     return fmt, int(repeat), None
 
 
-class CompressedMixin:
+class CompressedMixin(LayerStateMixin):
     """Pattern buffers, projection, refresh and state of a compressed layer (see module doc)."""
 
     weight: nn.Parameter
@@ -233,6 +230,33 @@ class CompressedMixin:
         self._vbx_set_pattern(self._vbx_optimal_pattern())
         self._vbx_steps = 0
 
+    @property
+    def pattern_version(self) -> int:
+        """Grows by one whenever the pattern is set (refresh, load, adopt_pattern)."""
+        return self._vbx_pattern_version
+
+    @torch.no_grad()
+    def adopt_pattern(self, other: "CompressedMixin") -> None:
+        """Take the pattern and step counter of ``other``, a layer of the same shape, format
+        and repeat (an EMA copy following its model); the dense weight stays this layer's.
+
+        Raises:
+            ConfigError: the layers differ in shape, format or repeat.
+        """
+        if tuple(other.weight.shape) != tuple(self.weight.shape) or other.repeat != self.repeat:
+            raise ConfigError(f"{self._vbx_label()}: cannot take the pattern of "
+                              f"{other._vbx_label()} (shape {tuple(other.weight.shape)}, repeat "
+                              f"{other.repeat}; this layer: {tuple(self.weight.shape)}, repeat "
+                              f"{self.repeat})")
+        dev, dtype = self.weight.device, self.weight.dtype
+        for name in ("vbx_pattern", "mask", "pair_index", "pair_sign", "vbx_gather_index"):
+            self._buffers[name] = getattr(other, name).to(dev, copy=True)
+        self._buffers["vbx_coef_a"] = other.vbx_coef_a.to(dev, dtype, copy=True)
+        self._buffers["vbx_coef_b"] = other.vbx_coef_b.to(dev, dtype, copy=True)
+        self._vbx_paired = other._vbx_paired
+        self._vbx_steps = other._vbx_steps
+        self._vbx_pattern_version += 1
+
     def freeze(self) -> "CompressedMixin":
         """Fix the current pattern for good: no more refreshes, saved in ``state_dict``."""
         self._vbx_frozen = True
@@ -288,6 +312,7 @@ class CompressedMixin:
         self._vbx_put("pair_index", index)
         self._vbx_put("pair_sign", sign)
         self._vbx_rebuild_coefficients()
+        self._vbx_pattern_version = getattr(self, "_vbx_pattern_version", 0) + 1
 
     def _vbx_put(self, name: str, value: torch.Tensor, persistent: bool = False) -> None:
         """Set a buffer, registering it first where it is missing (fresh layer, unpickling)."""
@@ -308,6 +333,7 @@ class CompressedMixin:
         self._vbx_put("pair_index", index)
         self._vbx_put("pair_sign", sign)
         self._vbx_rebuild_coefficients()
+        self._vbx_pattern_version = getattr(self, "_vbx_pattern_version", 0) + 1
 
     @torch.no_grad()
     def _vbx_rebuild_coefficients(self) -> None:
@@ -335,76 +361,6 @@ class CompressedMixin:
         self._vbx_put("vbx_coef_b", b.to(dtype))
         self._vbx_put("vbx_gather_index", idx.to(torch.int32 if n < 2 ** 31 else torch.int64))
         self._vbx_paired = bool((self.pair_index >= 0).any())
-
-    # ------------------------------------------------------------------ state_dict
-    def _vbx_state_values(self) -> tuple[int, ...]:
-        flags = (_FROZEN if self._vbx_frozen else 0) | (_PAIRING if self._vbx_pairing else 0)
-        c = self._vbx_compression
-        bits = torch.tensor(math.nan if c is None else float(c), dtype=torch.float64)
-        return (_STATE_VERSION, int(self._vbx_steps),
-                -1 if self._vbx_refresh_every is None else int(self._vbx_refresh_every),
-                flags, int(bits.view(torch.int64)))
-
-    def _vbx_read_state(self, values: list[int], where: str) -> None:
-        version, steps, refresh_every, flags, bits = values
-        if version != _STATE_VERSION or steps < 0 or refresh_every == 0 or refresh_every < -1 \
-                or flags & ~(_FROZEN | _PAIRING):
-            raise ConfigError(f"{where}: unreadable vbxfx layer state {values} (expected "
-                              f"version {_STATE_VERSION}, steps >= 0, refresh_every >= 1 or -1)")
-        c = float(torch.tensor(bits, dtype=torch.int64).view(torch.float64))
-        self._vbx_steps = steps
-        self._vbx_refresh_every = None if refresh_every == -1 else refresh_every
-        self._vbx_frozen = bool(flags & _FROZEN)
-        self._vbx_pairing = bool(flags & _PAIRING)
-        self._vbx_compression = None if math.isnan(c) else c
-
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        values = self._vbx_state_values()
-        if values != self._vbx_state_written:   # one small copy, only when something changed
-            with torch.no_grad():
-                self.vbx_state.copy_(torch.tensor(values, dtype=torch.int64))
-            self._vbx_state_written = values
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        error_msgs = args[-1]
-        where = prefix[:-1] or "root"
-        try:
-            upgrade_v1_state_dict(state_dict, prefix, self)
-            saved = state_dict.get(prefix + "vbx_repeat")
-            if saved is not None and (int(saved) == 0) != (self.fmt == "ucomp"):
-                raise ConfigError(f"the saved layer is in the {'ucomp' if int(saved) == 0 else 'comp'}"
-                                  f" format, this one in {self.fmt!r}; build the layer in the "
-                                  "saved format (from_dense(..., fmt=...)) before loading")
-        except (ConfigError, FormatError) as e:
-            error_msgs.append(f"{where}: {e}")
-            return
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        if prefix + "vbx_state" not in state_dict or prefix + "vbx_pattern" not in state_dict:
-            return                         # reported as missing keys by torch (strict loads)
-        try:
-            self._vbx_read_state(self.vbx_state.tolist(), where)
-            self._vbx_state_written = None
-            self._vbx_decode_pattern()
-        except (ConfigError, FormatError) as e:
-            error_msgs.append(f"{where}: {e}")
-
-    # ------------------------------------------------------------------ pickling
-    def __getstate__(self) -> dict[str, Any]:
-        """The module's state without the buffers derived from ``vbx_pattern``."""
-        state = self.__dict__.copy()
-        buffers = state["_buffers"].copy()
-        for name in _DERIVED:
-            buffers.pop(name, None)
-        state["_buffers"] = buffers
-        state["_vbx_state_written"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        if "vbx_pattern" not in self._buffers:      # a module pickled by vbxfx 0.1.0
-            upgrade_v1_module(self)
-        self._vbx_decode_pattern()
 
     def _vbx_extra_repr(self) -> str:
         level = f"repeat={self.repeat}" if self.fmt == "comp" else \
