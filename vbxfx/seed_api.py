@@ -165,6 +165,8 @@ def compress_vbx3(model: nn.Module, compression: float,
                            json_file=json_file, model=model, fmt="comp").repeats
     records = rewrite_modules([model], normalize_plan(repeats), pairing=pairing,
                               refresh_every=refresh_every)
+    from vbxfx.integrations.ultralytics import warn_if_ultralytics
+    warn_if_ultralytics(model, "compress_vbx3")
     report = _report("compress_vbx3", c, records, table, {})
     report["achieved"] = report["weights_removed"]
     logger.info("compress_vbx3: %d layer(s) compressed, %.4f of the weights removed",

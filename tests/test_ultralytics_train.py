@@ -1,0 +1,242 @@
+"""YOLO users train compressed inside the ultralytics trainer (vbxfx.integrations.ultralytics).
+
+Real ultralytics 8.4 training of yolov8n on a detection set generated here (16 train / 8 val
+images at 64 px, two classes), on the CPU, with ultralytics' settings in a temporary folder
+so nothing reaches the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import vbxfx
+from vbxfx.errors import ConfigError
+from vbxfx.format import weight_repeat
+from vbxfx.integrations import ultralytics as vu
+from vbxfx.modules import compressed_modules
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from yolo_data import make_detection_set, offline_ultralytics  # noqa: E402
+
+TRAIN = dict(epochs=1, imgsz=64, batch=8, workers=0, plots=False, device="cpu", amp=False,
+             verbose=False, exist_ok=True)
+
+
+# ------------------------------------------------------------------ no training needed
+def _small(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1),
+                         nn.Flatten(), nn.Linear(16 * 4 * 4, 5))
+
+
+def test_options_are_checked_when_given():
+    with pytest.raises(ConfigError, match="compression"):
+        vu.compressed_trainer(1.5)
+    with pytest.raises(ConfigError, match="budget"):
+        vu.compressed_trainer(0.66, budget="flops")
+    with pytest.raises(TypeError):
+        vu.compressed_trainer(0.66, colour="red")
+    with pytest.raises(ConfigError, match="task"):
+        vu.compressed_trainer(0.66)(overrides={"task": "depth"})
+
+
+def test_transfer_compression_copies_levels_patterns_and_counters():
+    src = _small()
+    vbxfx.compress_vbx3(src, 0.66)
+    src[0]._vbx_steps = 17
+    src[2].freeze()
+    dst = _small(seed=1)
+    dst.load_state_dict({k: v for k, v in src.state_dict().items() if "vbx_" not in k})
+    names = vu.transfer_compression(src, dst)
+    assert names == ["0", "2", "4"]
+    for (n, a), (_, b) in zip(compressed_modules(src), compressed_modules(dst)):
+        assert a.repeat == b.repeat and torch.equal(a.pair_index, b.pair_index), n
+    assert dst[0]._vbx_steps == 17 and dst[2].frozen
+    x = torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(dst(x), src(x))
+
+
+def test_transfer_rederives_a_layer_whose_shape_changed():
+    src = _small()
+    vbxfx.compress_vbx3(src, 0.5)
+    dst = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1),
+                        nn.Flatten(), nn.Linear(16 * 4 * 4, 7))          # a new head
+    vu.transfer_compression(src, dst)
+    assert vbxfx.is_compressed(dst[4]) and dst[4].repeat == src[4].repeat
+    assert weight_repeat(dst[4].compressed_weight().detach()) <= 2
+
+
+def test_follow_patterns_copies_only_what_changed():
+    model = _small()
+    vbxfx.compress_vbx3(model, 0.5, refresh_every=1)
+    ema = __import__("copy").deepcopy(model)
+    seen: dict = {}
+    assert vu.follow_patterns(model, ema, seen) == 3       # first call: every layer
+    assert vu.follow_patterns(model, ema, seen) == 0       # nothing changed since
+    model.train()
+    with torch.no_grad():
+        model[0].weight.add_(torch.randn_like(model[0].weight))
+    model(torch.randn(1, 8, 4, 4))                        # counts one step
+    model(torch.randn(1, 8, 4, 4))                        # refreshes every layer
+    assert vu.follow_patterns(model, ema, seen) == 3
+    for (_, a), (_, b) in zip(compressed_modules(model), compressed_modules(ema)):
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.vbx_coef_b, b.vbx_coef_b)
+
+
+def test_command_line_arguments_split_between_yolo_and_vbxfx():
+    model, yolo, ours = vu._parse(["train", "model=yolov8n.yaml", "data=d.yaml", "epochs=3",
+                                   "compression=0.7", "exclude=model.0.*,model.22.*"])
+    assert model == "yolov8n.yaml" and yolo == {"data": "d.yaml", "epochs": 3}
+    assert ours == {"compression": 0.7, "exclude": ("model.0.*", "model.22.*")}
+    assert vu.main(["train", "data=d.yaml"]) == 2
+    assert vu.main(["fit", "model=a.pt"]) == 2
+
+
+# ---------------------------------------------------------------------- real training
+@pytest.fixture(scope="module")
+def yolo_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("yolo")
+    offline_ultralytics(root)
+    data = make_detection_set(root / "data", train=16, val=8, size=64)
+    return root, data
+
+
+def _train(env, name, model="yolov8n.yaml", **extra):
+    from ultralytics import YOLO
+
+    root, data = env
+    y = YOLO(model)
+    options = {**TRAIN, **extra}
+    y.train(data=str(data), project=str(root / "runs"), name=name, **options)
+    return y, root / "runs" / name / "weights"
+
+
+def _layers(module):
+    return dict(compressed_modules(module))
+
+
+def _checkpoint_model(path):
+    ckpt = torch.load(path, weights_only=False)      # stripped: the EMA moved to "model"
+    return (ckpt.get("ema") or ckpt["model"]).float()
+
+
+def _fits(module):
+    return {n: weight_repeat(l.compressed_weight().detach()) <= l.repeat
+            for n, l in compressed_modules(module)}
+
+
+@pytest.fixture(scope="module")
+def trained(yolo_env):
+    snapshots = []
+
+    def keep_last(trainer):             # last.pt of epoch 1 of 2, optimizer included
+        if trainer.epoch == 0:
+            target = trainer.wdir.parent / "epoch1_last.pt"
+            shutil.copyfile(trainer.last, target)
+            snapshots.append({n: (l.mask.clone(), l._vbx_steps)
+                              for n, l in compressed_modules(trainer.ema.ema)})
+
+    from ultralytics import YOLO
+
+    root, data = yolo_env
+    y = YOLO("yolov8n.yaml")
+    y.add_callback("on_model_save", keep_last)
+    y.train(data=str(data), project=str(root / "runs"), name="vbx", **{**TRAIN, "epochs": 2},
+            trainer=vu.compressed_trainer(0.66, refresh_every=1))
+    return y, root / "runs" / "vbx", snapshots
+
+
+@pytest.mark.slow
+def test_trainer_model_ema_and_checkpoints_are_compressed(trained):
+    y, run, _ = trained
+    trainer = y.trainer
+    live, ema = _layers(trainer.model), _layers(trainer.ema.ema)
+    assert len(live) >= 60 and set(live) == set(ema)
+    assert all(_fits(trainer.ema.ema).values())
+    # refresh_every=1: the patterns moved during training, and the EMA followed them
+    for name, layer in ema.items():
+        assert torch.equal(layer.mask, live[name].mask), name
+        assert torch.equal(layer.pair_index, live[name].pair_index), name
+    assert any(l.pattern_version > 2 for l in live.values())
+    # DFL: fixed arange(16) weights, frozen by ultralytics, left dense
+    assert not vbxfx.is_compressed(trainer.model.model[22].dfl.conv)
+    for ckpt in ("last.pt", "best.pt"):
+        loaded = _checkpoint_model(run / "weights" / ckpt)
+        assert set(_layers(loaded)) == set(live), ckpt
+        assert all(_fits(loaded).values()), ckpt
+
+
+@pytest.mark.slow
+def test_checkpoint_stays_within_1_5x_of_dense(trained, yolo_env):
+    _, run, _ = trained
+    _, dense = _train(yolo_env, "dense")
+    ratio = (run / "weights" / "best.pt").stat().st_size / (dense / "best.pt").stat().st_size
+    assert ratio <= 1.5, ratio
+
+
+@pytest.mark.slow
+def test_best_pt_validates_predicts_and_exports(trained):
+    import numpy as np
+    from ultralytics import YOLO
+
+    _, run, _ = trained
+    best = YOLO(str(run / "weights" / "best.pt"))
+    assert len(_layers(best.model)) >= 60
+    best.val(data=str(run.parents[1] / "data" / "data.yaml"), imgsz=64, batch=8, plots=False,
+             device="cpu", verbose=False)
+    assert len(best.predict(np.zeros((64, 64, 3), np.uint8), imgsz=64, verbose=False)) == 1
+    onnx_path = best.export(format="onnx", imgsz=64)
+    assert Path(onnx_path).exists()
+
+
+@pytest.mark.slow
+def test_resume_continues_compressed(trained):
+    from ultralytics import YOLO
+
+    _, run, snapshots = trained
+    saved = snapshots[0]
+    y = YOLO(str(run / "epoch1_last.pt"))
+    captured = {}
+
+    def at_start(trainer):
+        captured.update({n: (l.mask.clone(), l._vbx_steps)
+                         for n, l in compressed_modules(trainer.model)})
+
+    y.add_callback("on_train_start", at_start)
+    y.train(resume=True, trainer=vu.compressed_trainer(0.66, refresh_every=1))
+    assert set(captured) == set(saved)
+    for name, (mask, steps) in saved.items():
+        assert torch.equal(captured[name][0], mask), name
+        assert captured[name][1] == steps, name
+    assert len(_layers(y.trainer.ema.ema)) == len(saved)
+
+
+@pytest.mark.slow
+def test_training_again_from_a_compressed_best_pt_stays_compressed(trained, yolo_env):
+    _, run, _ = trained
+    from ultralytics import YOLO
+
+    source = _layers(_checkpoint_model(run / "weights" / "best.pt"))
+    y = YOLO(str(run / "weights" / "best.pt"))
+    y.train(data=str(yolo_env[1]), project=str(yolo_env[0] / "runs"), name="again",
+            **TRAIN, trainer=vu.compressed_trainer(0.5))
+    again = _layers(y.trainer.model)
+    assert set(again) == set(source)
+    assert {n: l.repeat for n, l in again.items()} == {n: l.repeat for n, l in source.items()}
+
+
+@pytest.mark.slow
+def test_plain_compress_vbx3_on_a_yolo_model_names_the_entry_point(yolo_env, caplog):
+    from ultralytics import YOLO
+
+    y = YOLO("yolov8n.yaml")
+    with caplog.at_level(logging.WARNING, logger="vbxfx"):
+        vbxfx.compress_vbx3(y.model, 0.66)
+    assert "compressed_trainer" in caplog.text

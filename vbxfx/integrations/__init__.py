@@ -1,0 +1,1 @@
+"""Integrations of vbxfx with other tools, one module each (ultralytics, onnx2tf)."""

@@ -1,0 +1,366 @@
+"""Compress YOLO models inside the ultralytics trainer: two lines in the usual script.
+
+::
+
+    from ultralytics import YOLO
+    from vbxfx.integrations.ultralytics import compressed_trainer
+
+    model = YOLO("yolov8n.pt")            # a .yaml, a trained .pt, or a compressed best.pt
+    model.train(data="coco8.yaml", epochs=100, trainer=compressed_trainer(0.66))
+
+ultralytics rebuilds the model from its yaml when training starts and copies the weights over
+by ``state_dict``, so a model compressed beforehand (``vbxfx.compress_vbx3(model.model)``)
+trains dense. ``compressed_trainer`` returns a trainer (the task's own ultralytics trainer with
+a few methods added) that compresses at the right moment:
+
+* **after the model is built or loaded, before the optimizer and the EMA exist**
+  (``get_model``): a plain model is compressed by :func:`vbxfx.compress` (torch.export trace at
+  the training ``imgsz``, the MAC-aware allocation); a model that is already compressed (a
+  compressed ``best.pt``, ``resume=True``) gets the same layers, levels, patterns and step
+  counters back. Layers ultralytics freezes (``freeze=``, the DFL conv) stay dense;
+* **the EMA follows the model's patterns**: ultralytics validates, saves and exports the EMA,
+  whose dense weights are averaged but whose integer pattern buffers are not; after every
+  optimizer step, and before every validation and save, each EMA layer takes its model layer's
+  current pattern (:meth:`~vbxfx.modules.CompressedMixin.adopt_pattern`);
+* ``last.pt`` / ``best.pt`` hold the compressed modules (about 1.25x the dense file in
+  float16): ``YOLO("best.pt")`` loads them compressed, ``.val()``, ``.predict()`` and
+  ``.export(format="onnx")`` work; ``vbxfx check best.onnx --model best.pt`` checks the
+  exported file.
+
+From the command line (the ``yolo`` command takes no trainer class)::
+
+    python -m vbxfx.integrations.ultralytics train model=yolov8n.pt data=coco8.yaml \\
+        epochs=100 compression=0.66
+
+takes the ``yolo train`` arguments plus ``compression``, ``budget``, ``fmt``, ``json_file``,
+``exclude`` (comma-separated globs) and ``include_frozen``.
+
+Multi-GPU DDP training is refused (ultralytics starts its workers from a generated script that
+cannot carry the compression settings): train on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import math
+import numbers
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from vbxfx.errors import ConfigError
+from vbxfx.modules import DEFAULT_REFRESH_EVERY, FORMATS, compressed_modules, from_dense
+from vbxfx.modules.swap import replace_module
+
+__all__ = ["compressed_trainer", "trainer_class", "CompressOptions", "transfer_compression",
+           "follow_patterns", "main"]
+
+logger = logging.getLogger(__name__)
+
+#: ultralytics' trainer of each task (module, class), imported when first needed.
+TASK_TRAINERS = {
+    "detect": ("ultralytics.models.yolo.detect", "DetectionTrainer"),
+    "segment": ("ultralytics.models.yolo.segment", "SegmentationTrainer"),
+    "pose": ("ultralytics.models.yolo.pose", "PoseTrainer"),
+    "obb": ("ultralytics.models.yolo.obb", "OBBTrainer"),
+    "classify": ("ultralytics.models.yolo.classify", "ClassificationTrainer"),
+}
+ULTRALYTICS_HINT = ("ultralytics' trainer rebuilds the model from its yaml and copies only the "
+                    "dense weights, so YOLO(...).train() would train it dense: pass "
+                    "trainer=vbxfx.integrations.ultralytics.compressed_trainer(compression) to "
+                    "train() instead (it compresses inside the trainer, EMA and checkpoints "
+                    "included)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressOptions:
+    """What the trainer passes to :func:`vbxfx.compress`; checked when built."""
+
+    compression: float = 0.66
+    budget: str = "macs"
+    fmt: str = "comp"
+    json_file: Any = None
+    exclude: tuple[str, ...] = ()
+    pairing: bool = True
+    refresh_every: int | None = DEFAULT_REFRESH_EVERY
+    include_frozen: bool = False
+
+    def __post_init__(self) -> None:
+        c = self.compression
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c) \
+                or not 0.0 < c < 1.0:
+            raise ConfigError(f"compression must be a fraction in (0, 1) of the budget removed, "
+                              f"e.g. 0.66, got {c!r}")
+        if self.budget not in ("macs", "params"):
+            raise ConfigError(f"budget must be 'macs' or 'params', got {self.budget!r}")
+        if self.fmt not in FORMATS:
+            raise ConfigError(f"fmt must be one of {FORMATS}, got {self.fmt!r}")
+        for name in ("pairing", "include_frozen"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
+        if not all(isinstance(e, str) for e in exclude):
+            raise ConfigError(f"exclude must be layer names or globs, got {self.exclude!r}")
+        object.__setattr__(self, "exclude", exclude)
+
+
+# ------------------------------------------------------------------------- the trainer
+class _CompressingTrainer:
+    """Methods added in front of an ultralytics trainer class (see the module docstring)."""
+
+    vbx_options: CompressOptions = CompressOptions()
+
+    def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
+        if getattr(self, "world_size", 1) > 1:
+            raise ConfigError("vbxfx's compressed trainer runs on one device; multi-GPU DDP "
+                              "training is not supported (give device=0, not a list)")
+        model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+        source = weights.get("ema") or weights.get("model") if isinstance(weights, Mapping) \
+            else weights
+        if isinstance(source, nn.Module) and any(True for _ in compressed_modules(source)):
+            kept = transfer_compression(source, model)
+            logger.info("vbxfx: %d compressed layer(s) carried over from the loaded model",
+                        len(kept))
+            self.vbx_report = None
+            return model
+        return self._vbx_compress(model)
+
+    def _vbx_compress(self, model: nn.Module) -> nn.Module:
+        import vbxfx
+
+        opts = self.vbx_options
+        exclude = list(opts.exclude)
+        if not opts.include_frozen:
+            exclude += _frozen_layers(model, self.args.freeze)
+        size = self.args.imgsz
+        h, w = (size, size) if isinstance(size, int) else (list(size) * 2)[:2]
+        channels = int((getattr(self, "data", None) or {}).get("channels", 3))
+        example = torch.zeros(1, channels, int(h), int(w))
+        result = vbxfx.compress(model, example, compression=opts.compression, budget=opts.budget,
+                                json_file=opts.json_file, exclude=exclude, fmt=opts.fmt,
+                                pairing=opts.pairing, refresh_every=opts.refresh_every)
+        self.vbx_report = result.report
+        totals = result.report["totals"]
+        logger.info("vbxfx: %d of %d layers compressed, %.1f%% of the hardware MACs removed at "
+                    "%dx%d", totals["compressed"], totals["layers"],
+                    100 * totals["macs_removed"], h, w)
+        return result.model
+
+    def _setup_train(self) -> None:
+        self._vbx_followed: dict[str, tuple[int, int]] = {}
+        super()._setup_train()
+        model = _unwrap(self.model)
+        live, averaged = dict(compressed_modules(model)), dict(compressed_modules(self.ema.ema))
+        if set(live) != set(averaged):
+            raise ConfigError(f"vbxfx: the EMA holds {len(averaged)} compressed layers, the model "
+                              f"{len(live)}; the EMA must be built from the compressed model")
+        self._vbx_follow()
+
+    def optimizer_step(self) -> None:
+        super().optimizer_step()
+        self._vbx_follow()
+
+    def validate(self) -> Any:
+        self._vbx_follow()
+        return super().validate()
+
+    def save_model(self) -> Any:
+        self._vbx_follow()
+        return super().save_model()
+
+    def _vbx_follow(self) -> None:
+        if getattr(self, "ema", None) is not None:
+            follow_patterns(_unwrap(self.model), self.ema.ema, self._vbx_followed)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _frozen_layers(model: nn.Module, freeze: Any) -> list[str]:
+    """The Conv2d/Linear layers whose weight ultralytics' trainer will freeze (``freeze=``
+    and the DFL), by the trainer's own rule: a name piece found in the parameter's name."""
+    layers = freeze if isinstance(freeze, list) else range(freeze) \
+        if isinstance(freeze, int) else []
+    pieces = [f"model.{x}." for x in layers] + [".dfl"]
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+            and any(p in f"{name}.weight" for p in pieces)]
+
+
+_CLASSES: dict[tuple[type, CompressOptions], type] = {}
+
+
+def trainer_class(base: type, **options: Any) -> type:
+    """``base`` (an ultralytics trainer class, yours included) with compression added.
+
+    ``YOLO(...).train(trainer=trainer_class(MyTrainer, compression=0.66))``.
+    """
+    opts = CompressOptions(**options)
+    if not isinstance(base, type) or not hasattr(base, "get_model"):
+        raise ConfigError(f"trainer_class takes an ultralytics trainer class, got {base!r}")
+    key = (base, opts)
+    if key not in _CLASSES:
+        _CLASSES[key] = type(f"Compressed{base.__name__}", (_CompressingTrainer, base),
+                             {"vbx_options": opts, "__module__": __name__})
+    return _CLASSES[key]
+
+
+class _TrainerFactory:
+    """What ``train(trainer=...)`` calls: the task's trainer, compressing."""
+
+    def __init__(self, options: CompressOptions):
+        self.options = options
+
+    def __call__(self, overrides: dict | None = None, _callbacks: Any = None, **kwargs: Any):
+        task = (overrides or {}).get("task") or "detect"
+        if task not in TASK_TRAINERS:
+            raise ConfigError(f"vbxfx has no compressed trainer for the ultralytics task "
+                              f"{task!r}; accepted: {sorted(TASK_TRAINERS)} (or "
+                              "trainer_class(YourTrainer, ...))")
+        module, name = TASK_TRAINERS[task]
+        base = getattr(importlib.import_module(module), name)
+        cls = trainer_class(base, **dataclasses.asdict(self.options))
+        return cls(overrides=overrides, _callbacks=_callbacks, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"compressed_trainer({self.options})"
+
+
+def compressed_trainer(compression: float = 0.66, **options: Any) -> Callable[..., Any]:
+    """The ``trainer=`` argument of ``YOLO(...).train`` that trains the model compressed.
+
+    Args:
+        compression: the fraction of the budget removed (hardware MACs by default).
+        options: ``budget`` ("macs" / "params"), ``fmt`` ("comp" / "ucomp"), ``json_file``
+            (per-layer levels, a path or a mapping), ``exclude`` (names or globs kept dense),
+            ``pairing``, ``refresh_every``, ``include_frozen`` (also compress the layers the
+            trainer freezes).
+
+    Raises:
+        ConfigError: a bad option (raised here, before any training starts).
+    """
+    return _TrainerFactory(CompressOptions(compression=compression, **options))
+
+
+# ------------------------------------------------------------------ model-level helpers
+def transfer_compression(source: nn.Module, target: nn.Module) -> list[str]:
+    """Compress ``target``'s layers as ``source``'s are: same names, levels, patterns, counters.
+
+    ``target`` is a freshly built model that has already taken ``source``'s dense weights
+    (ultralytics' ``model.load``). A layer whose shape changed (a new number of classes) is
+    compressed at the same level from its own weight. Returns the names compressed.
+    """
+    names, plan = [], []
+    for name, layer in compressed_modules(source):
+        try:
+            dense = target.get_submodule(name)
+        except AttributeError:
+            logger.warning("vbxfx: %s is compressed in the loaded model but missing in the new "
+                           "one; skipped", name)
+            continue
+        if not isinstance(dense, (nn.Conv2d, nn.Linear)):
+            continue
+        options = {"repeat": layer.repeat} if layer.fmt == "comp" else \
+            {"compression": layer.compression}
+        new = from_dense(dense, fmt=layer.fmt, pairing=layer.pairing,
+                         refresh_every=layer._vbx_refresh_every, **options)
+        new._vbx_name = name
+        if tuple(dense.weight.shape) == tuple(layer.weight.shape):
+            new.adopt_pattern(layer)
+            if layer.frozen:
+                new.freeze()
+        else:
+            logger.info("vbxfx: %s changed shape %s -> %s; its pattern is derived anew", name,
+                        tuple(layer.weight.shape), tuple(dense.weight.shape))
+        plan.append((name, dense, new))
+    for name, dense, new in plan:
+        replace_module([target], name, dense, new)
+        names.append(name)
+    return names
+
+
+def follow_patterns(model: nn.Module, ema: nn.Module,
+                    seen: dict[str, tuple[int, int]] | None = None) -> int:
+    """Give every compressed layer of ``ema`` the current pattern of ``model``'s layer of the
+    same name; ``seen`` remembers what was copied, so unchanged layers cost nothing. Returns
+    how many layers took a new pattern."""
+    seen = {} if seen is None else seen
+    live = dict(compressed_modules(model))
+    done = 0
+    for name, layer in compressed_modules(ema):
+        source = live.get(name)
+        if source is None:
+            continue
+        stamp = (id(source), source.pattern_version)
+        if seen.get(name) != stamp:
+            layer.adopt_pattern(source)
+            seen[name] = stamp
+            done += 1
+        else:
+            layer._vbx_steps = source._vbx_steps
+    return done
+
+
+def warn_if_ultralytics(model: nn.Module, what: str) -> None:
+    """Log :data:`ULTRALYTICS_HINT` when ``model`` is an ultralytics model."""
+    if type(model).__module__.startswith("ultralytics."):
+        logger.warning("%s: %s", what, ULTRALYTICS_HINT)
+
+
+# ------------------------------------------------------------------------ command line
+_OPTION_KEYS = {f.name for f in dataclasses.fields(CompressOptions)}
+
+
+def _parse(argv: Iterable[str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    from ultralytics.cfg import smart_value
+
+    argv = list(argv)
+    if not argv or argv[0] != "train":
+        raise ConfigError("usage: python -m vbxfx.integrations.ultralytics train model=M "
+                          "data=D [yolo train arguments] compression=0.66")
+    yolo, ours = {}, {}
+    for item in argv[1:]:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"arguments are key=value like yolo's, got {item!r}")
+        target = ours if key in _OPTION_KEYS else yolo
+        target[key] = value if key in ("json_file", "exclude") else smart_value(value)
+    if "exclude" in ours:
+        ours["exclude"] = tuple(e for e in ours["exclude"].split(",") if e)
+    model = yolo.pop("model", None)
+    if not model:
+        raise ConfigError("give model=..., e.g. model=yolov8n.pt or model=yolov8n.yaml")
+    return str(model), yolo, ours
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    """``python -m vbxfx.integrations.ultralytics train ...``; returns the exit code."""
+    import sys
+
+    try:
+        model, yolo_args, options = _parse(sys.argv[1:] if argv is None else argv)
+        trainer = compressed_trainer(**options)
+    except ConfigError as e:
+        print(f"vbxfx: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ultralytics import YOLO
+
+    if not os.path.exists(model) and not model.endswith((".yaml", ".yml")):
+        print(f"vbxfx: error: no model file {model!r}", file=sys.stderr)
+        return 2
+    YOLO(model).train(trainer=trainer, **yolo_args)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
