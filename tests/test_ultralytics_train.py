@@ -240,3 +240,15 @@ def test_plain_compress_vbx3_on_a_yolo_model_names_the_entry_point(yolo_env, cap
     with caplog.at_level(logging.WARNING, logger="vbxfx"):
         vbxfx.compress_vbx3(y.model, 0.66)
     assert "compressed_trainer" in caplog.text
+
+
+@pytest.mark.slow
+def test_bench_yolo_prints_its_table(yolo_env, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import bench_yolo
+
+    out = bench_yolo.main(["--epochs", "2", "--images", "8", "--imgsz", "64", "--batch", "8"])
+    text = capsys.readouterr().out
+    assert "median epoch time" in text and "best.pt size" in text
+    assert out["compressed"]["size"] > 0 and out["compressed"]["setup"] > 0
+    assert out["dense"]["setup"] == 0.0

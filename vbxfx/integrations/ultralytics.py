@@ -47,6 +47,7 @@ import logging
 import math
 import numbers
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -119,6 +120,7 @@ class _CompressingTrainer:
         if getattr(self, "world_size", 1) > 1:
             raise ConfigError("vbxfx's compressed trainer runs on one device; multi-GPU DDP "
                               "training is not supported (give device=0, not a list)")
+        start = time.perf_counter()
         model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
         source = weights.get("ema") or weights.get("model") if isinstance(weights, Mapping) \
             else weights
@@ -127,8 +129,10 @@ class _CompressingTrainer:
             logger.info("vbxfx: %d compressed layer(s) carried over from the loaded model",
                         len(kept))
             self.vbx_report = None
-            return model
-        return self._vbx_compress(model)
+        else:
+            model = self._vbx_compress(model)
+        self.vbx_setup_seconds = time.perf_counter() - start
+        return model
 
     def _vbx_compress(self, model: nn.Module) -> nn.Module:
         import vbxfx

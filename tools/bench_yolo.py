@@ -1,0 +1,84 @@
+"""Training yolov8n compressed in the ultralytics trainer vs dense: epoch time and checkpoint size.
+
+Both runs in one process, same generated data (tools/yolo_data.py), same settings; the
+compressed run uses ``vbxfx.integrations.ultralytics.compressed_trainer``. Epoch times are
+the trainer's own (``trainer.epoch_time``), the first epoch left out (warm-up, data cache);
+the one-off compression before training is timed apart. Targets (issue #13): epoch time
+compressed / dense <= 1.15x, best.pt size <= 1.5x.
+
+    YOLO_OFFLINE=1 python tools/bench_yolo.py --epochs 4 --images 64 --imgsz 160 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from yolo_data import make_detection_set, offline_ultralytics  # noqa: E402
+
+
+def _run(root: Path, data: Path, name: str, args: argparse.Namespace, trainer=None) -> dict:
+    from ultralytics import YOLO
+
+    times: list[float] = []
+    y = YOLO(args.model)
+    y.add_callback("on_fit_epoch_end", lambda t: times.append(t.epoch_time))
+    t0 = time.perf_counter()
+    y.train(data=str(data), epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, workers=0,
+            plots=False, device=args.device, amp=False, verbose=False, exist_ok=True,
+            project=str(root / "runs"), name=name, val=True, trainer=trainer)
+    total = time.perf_counter() - t0
+    best = root / "runs" / name / "weights" / "best.pt"
+    epochs = [t for t in times[:args.epochs] if t]   # the final-eval call repeats the last
+    setup = getattr(y.trainer, "vbx_setup_seconds", 0.0)
+    return {"epoch": statistics.median(epochs[1:] or epochs), "total": total,
+            "size": best.stat().st_size, "setup": setup}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="yolov8n.yaml")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--images", type=int, default=64, help="training images (val: a quarter)")
+    p.add_argument("--imgsz", type=int, default=160)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--compression", type=float, default=0.66)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        offline_ultralytics(root)
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        from vbxfx.integrations.ultralytics import compressed_trainer
+
+        data = make_detection_set(root / "data", train=args.images,
+                                  val=max(4, args.images // 4), size=args.imgsz)
+        load = os.getloadavg()
+        dense = _run(root, data, "dense", args)
+        comp = _run(root, data, "vbx", args, trainer=compressed_trainer(args.compression))
+        load_after = os.getloadavg()
+    rows = [("median epoch time (s)", dense["epoch"], comp["epoch"]),
+            ("whole train() call (s)", dense["total"], comp["total"]),
+            ("best.pt size (MB)", dense["size"] / 1e6, comp["size"] / 1e6)]
+    print(f"{args.model} at {args.imgsz} px, {args.images} images, batch {args.batch}, "
+          f"{args.epochs} epochs, {args.device}, threads {torch.get_num_threads()}; load "
+          f"average {load[0]:.2f} -> {load_after[0]:.2f}")
+    print(f"{'':26}{'dense':>10}{'compressed':>12}{'ratio':>8}")
+    for label, a, b in rows:
+        print(f"{label:26}{a:10.2f}{b:12.2f}{b / a:8.2f}x")
+    print(f"compression before training (inside the first train() call): {comp['setup']:.1f} s")
+    return {"dense": dense, "compressed": comp}
+
+
+if __name__ == "__main__":
+    main()
