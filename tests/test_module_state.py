@@ -19,7 +19,7 @@ from torch import nn
 
 import vbxfx
 from vbxfx.format import encode_weight, weight_repeat
-from vbxfx.modules import VBXConv2d, VBXLinear, compressed_modules
+from vbxfx.modules import VBXConv2d, compressed_modules
 from vbxfx.modules.pattern_code import pack_pattern, unpack_pattern
 
 DATA = Path(__file__).parent / "data"

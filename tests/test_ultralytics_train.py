@@ -193,7 +193,24 @@ def test_best_pt_validates_predicts_and_exports(trained):
              device="cpu", verbose=False)
     assert len(best.predict(np.zeros((64, 64, 3), np.uint8), imgsz=64, verbose=False)) == 1
     onnx_path = best.export(format="onnx", imgsz=64)
-    assert Path(onnx_path).exists()
+    # the file yolo export writes (BatchNorm fused, TorchScript), checked against best.pt
+    model = _checkpoint_model(run / "weights" / "best.pt").eval()
+    report = vbxfx.check_onnx(onnx_path, torch_model=model)
+    assert report.ok, report.problems
+    assert len(report.layers) == len(_layers(model))
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(onnx_path)
+    node = next(n for n in proto.graph.node if n.name == "/model.2/cv1/conv/Conv")
+    init = next(i for i in proto.graph.initializer if i.name == node.input[1])
+    w = numpy_helper.to_array(init).copy()
+    w[0, :8, 0, 0] = [0.3, 0.2, 0.1, 0.05, 0.4, 0.25, 0.15, 0.35]
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    tampered = Path(onnx_path).with_name("tampered.onnx")
+    onnx.save(proto, str(tampered))
+    bad = vbxfx.check_onnx(tampered, torch_model=model)
+    assert not bad.ok and any("'model.2.cv1.conv'" in p for p in bad.problems)
 
 
 @pytest.mark.slow

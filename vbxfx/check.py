@@ -42,6 +42,7 @@ import torch
 from vbxfx.errors import CheckError, VbxError
 from vbxfx.export.graph import OnnxGraph, attribute
 from vbxfx.export.reader import annotated_nodes, load_onnx
+from vbxfx.export.foreign import foreign_nodes, has_annotations
 from vbxfx.export.verify import dense_mults, verify_layer
 
 __all__ = ["check_onnx", "CheckReport", "LayerRow", "OutputRow", "DEFAULT_RTOL", "DEFAULT_ATOL",
@@ -93,6 +94,7 @@ class CheckReport:
     layers: list[LayerRow] = field(default_factory=list)
     outputs: list[OutputRow] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     model_macs: int | None = None
     rtol: float = DEFAULT_RTOL
     atol: float = DEFAULT_ATOL
@@ -124,6 +126,7 @@ class CheckReport:
                 "layers": [asdict(r) for r in self.layers],
                 "outputs": [asdict(o) for o in self.outputs], "totals": self.totals(),
                 "rtol": self.rtol, "atol": self.atol, "problems": list(self.problems),
+                "notes": list(self.notes),
                 "seconds": self.seconds}
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -152,6 +155,7 @@ class CheckReport:
             out.append(f"onnxruntime vs torch: {len(self.outputs)} comparison(s), max abs "
                        f"{self.max_abs:.3g}, max rel {self.max_rel:.3g} (rtol {self.rtol:g}, "
                        f"atol {self.atol:g})")
+        out += [f"note: {n}" for n in self.notes]
         out += [f"problem: {p}" for p in self.problems]
         out.append("OK" if self.ok else f"FAILED ({len(self.problems)} problem(s))")
         return "\n".join(out)
@@ -163,7 +167,7 @@ class CheckReport:
 def check_onnx(path: str | os.PathLike, *, torch_model: torch.nn.Module | None = None,
                example_inputs: Any = None, inputs: Any = None, n_random: int = 2,
                rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
-               seed: int = 0) -> CheckReport:
+               seed: int = 0, layers: Any = None) -> CheckReport:
     """Check the annotated ONNX file at ``path`` (see the module docstring).
 
     Args:
@@ -172,6 +176,9 @@ def check_onnx(path: str | os.PathLike, *, torch_model: torch.nn.Module | None =
             random inputs when the ONNX inputs have dynamic dimensions.
         inputs: user inputs: one set (Tensor, ndarray or tuple) or a list of sets.
         n_random: random input sets (standard normal, seeded with ``seed``).
+        layers: for a file without annotations (exported by another tool, e.g. ``yolo
+            export``): a layers file or mapping (see :mod:`vbxfx.export.foreign`); with
+            ``torch_model`` alone its compressed layers are the declared ones.
 
     Raises:
         CheckError: the file or the inputs cannot be used (the message says why).
@@ -190,17 +197,54 @@ def check_onnx(path: str | os.PathLike, *, torch_model: torch.nn.Module | None =
     except Exception as e:
         report.onnx_checker = False
         report.problems.append(f"onnx checker: {_one_line(e)}")
-    nodes = annotated_nodes(proto, where)
+    foreign = not has_annotations(proto)
+    if foreign:
+        nodes = foreign_nodes(proto, where, model=torch_model, layers=layers,
+                              problems=report.problems)
+        report.notes.append("the file has no vbxfx annotations: its layers were matched to "
+                            + ("the compressed torch model" if torch_model is not None
+                               else "the layers file") + " by module path, shape and weights")
+    else:
+        nodes = annotated_nodes(proto, where)
     graph = OnnxGraph(proto)
     _check_layers(graph, nodes, report)
+    if foreign and torch_model is None:
+        # encodings derived from the file itself: only the fit to the declared repeat counts
+        report.problems = [p for p in report.problems if "annotation disagrees" not in p]
     report.model_macs = _model_macs(graph)
     sets = _input_sets(inputs, example_inputs)
     from vbxfx.export.numerics import compare
+    if foreign and torch_model is not None and not _same_outputs(where, torch_model, proto):
+        report.notes.append("onnxruntime vs torch skipped: the file's outputs are not the torch "
+                            "model's (an exporter's inference head, e.g. yolo export)")
+        torch_model = None
     compare(where, torch_model, sets, example_inputs, n_random, seed, report)
     report.seconds = time.perf_counter() - start
     logger.info("checked %s: %s in %.1f s", where, "ok" if report.ok else
                 f"{len(report.problems)} problem(s)", report.seconds)
     return report
+
+
+def _same_outputs(where: str, model: torch.nn.Module, proto: onnx.ModelProto) -> bool:
+    """Whether the torch model returns what the file does (count and shapes), on zeros of the
+    file's input shapes; False when that cannot be told."""
+    from vbxfx.export.numerics import run_torch, runnable
+
+    try:
+        arrays = []
+        for value in proto.graph.input:
+            dims = [d.dim_value if d.HasField("dim_value") else 1
+                    for d in value.type.tensor_type.shape.dim]
+            arrays.append(np.zeros(dims, dtype=np.float32))
+        outs = run_torch(runnable(model), tuple(arrays))
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot compare"
+        logger.info("%s: the torch model does not run on the file's inputs (%s)", where, e)
+        return False
+    want = [[d.dim_value if d.HasField("dim_value") else None
+             for d in v.type.tensor_type.shape.dim] for v in proto.graph.output]
+    return len(outs) == len(want) and all(
+        len(o.shape) == len(w) and all(x is None or x == y for x, y in zip(w, o.shape))
+        for o, w in zip(outs, want))
 
 
 def _check_layers(graph: OnnxGraph, nodes: list, report: CheckReport) -> None:
@@ -290,6 +334,10 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="the torch model the file came from, for the onnxruntime comparison "
                              "(e.g. path/to/model.pt saved with torch.save, or file.py:factory)")
     parser.add_argument("--weights", metavar="FILE", help="a state_dict loaded on top of --model")
+    parser.add_argument("--layers", metavar="FILE",
+                        help="for a file another tool exported (yolo export): the JSON report of "
+                             "`vbxfx compress --json`, or {layer: repeat}, to check it against "
+                             "(--model with a compressed model does the same, weights included)")
     parser.add_argument("--input", metavar="FILE", action="append", default=[],
                         help="an input set: .npy (single-input models) or .npz (arrays by input "
                              "name or in order); repeat for more")
@@ -326,7 +374,8 @@ def run_check_command(args: argparse.Namespace) -> int:
             model = resolve_model(args.model, args.weights).model
         inputs = [_load_input(p) for p in args.input] or None
         report = check_onnx(args.onnx, torch_model=model, inputs=inputs, n_random=args.random,
-                            rtol=args.rtol, atol=args.atol, seed=args.seed)
+                            rtol=args.rtol, atol=args.atol, seed=args.seed,
+                            layers=getattr(args, "layers", None))
     except VbxError as e:
         return _fail(args, str(e))
     except Exception as e:  # never a traceback on the command line
