@@ -364,6 +364,8 @@ def run_tflite_check(args: argparse.Namespace) -> int:
     if onnx_only:
         return _fail(args, f"{', '.join(onnx_only)} appl{'y' if len(onnx_only) > 1 else 'ies'} "
                            "to ONNX files; for a TFLite file give --expect FILE")
+    if not getattr(args, "json", False) and not getattr(args, "quiet", False):
+        print(f"  checking the int8 filters of {args.onnx} ...", file=sys.stderr, flush=True)
     try:
         report = check_tflite(args.onnx, expect=getattr(args, "expect", None))
     except VbxError as e:
