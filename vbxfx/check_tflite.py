@@ -108,12 +108,16 @@ class TfliteCheckReport:
         known = all(r.macs is not None for r in self.layers)
         total = (lambda key: sum(getattr(r, key) for r in self.layers) if known else None)
         declared = [r for r in self.layers if r.declared_fmt == "comp"]
+        counted = [r for r in self.layers
+                   if r.declared_fmt == "ucomp" and r.declared_mults is not None]
         return {"layers": len(self.layers), "macs": total("macs"), "hw_macs": total("hw_macs"),
                 "ucomp_macs": total("ucomp_macs"),
                 "repeats": {str(k): sum(r.repeat == k for r in self.layers) for k in (1, 2, 4)},
                 "matched": sum(r.declared is not None for r in self.layers),
                 "repeat_agrees": sum(r.repeat == r.declared_repeat for r in declared),
-                "repeat_declared": len(declared), "dense_ops": dict(self.dense_ops)}
+                "repeat_declared": len(declared),
+                "mults_within": sum(r.ucomp_mults <= r.declared_mults for r in counted),
+                "mults_declared": len(counted), "dense_ops": dict(self.dense_ops)}
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "ok": self.ok, "expect": self.expect,
@@ -137,8 +141,10 @@ class TfliteCheckReport:
         out = [f"vbxfx check {self.path}" + (f" --expect {self.expect}" if self.expect else ""),
                line(head)] + [line(r) for r in rows]
         t = self.totals()
-        saved = (f" ({1 - t['hw_macs'] / t['macs']:.1%} fewer)"
-                 if t["macs"] and t["hw_macs"] is not None else "")
+        saved = ""
+        if t["macs"] and t["hw_macs"] is not None:
+            change = 1 - t["hw_macs"] / t["macs"]
+            saved = f" ({change:.1%} fewer)" if change >= 0 else f" ({-change:.1%} more)"
         reps = ", ".join(f"R{k}: {v}" for k, v in t["repeats"].items())
         out.append(f"totals: {t['layers']} CONV_2D/FULLY_CONNECTED ({reps}); MACs "
                    f"{num(t['macs'])} -> hardware {num(t['hw_macs'])}{saved} (-c comp), "
@@ -147,8 +153,13 @@ class TfliteCheckReport:
             out.append("left dense by the compiler, not counted: "
                        + ", ".join(f"{v} {k}" for k, v in sorted(self.dense_ops.items())))
         if self.expect:
-            out.append(f"declared: {t['matched']} layer(s) matched, repeat as declared on "
-                       f"{t['repeat_agrees']}/{t['repeat_declared']}")
+            parts = [f"declared: {t['matched']} layer(s) matched"]
+            if t["repeat_declared"] or not t["mults_declared"]:
+                parts.append(f"repeat as declared on {t['repeat_agrees']}/{t['repeat_declared']}")
+            if t["mults_declared"]:
+                parts.append(f"multipliers within vbxfx's count on {t['mults_within']}/"
+                             f"{t['mults_declared']} (ucomp)")
+            out.append(", ".join(parts))
         out += [f"warning: {w}" for w in self.warnings]
         out += [f"problem: {p}" for p in self.problems]
         out.append("OK" if self.ok else f"FAILED ({len(self.problems)} problem(s))")

@@ -44,7 +44,9 @@ class Declared:
 
     ``fmt`` is ``"comp"``, ``"ucomp"`` or ``"dense"``; ``repeat`` 1/2/4 for comp (None
     otherwise); ``multipliers`` the ucomp multipliers of one output position; ``mask`` and
-    ``weight`` are in torch layout ``[O, I, kh, kw]`` / ``[O, I]`` when the source has them."""
+    ``weight`` are in torch layout ``[O, I, kh, kw]`` / ``[O, I]`` when the source has them.
+    ``multipliers`` is what vbxfx reports: :func:`vbxfx.unstructured_macs` of the weight, on
+    int8 values per output channel, from every source."""
 
     name: str
     fmt: str
@@ -121,15 +123,23 @@ def _from_onnx(path: str) -> list[Declared]:
             out.append(Declared(node.name, "dense", None, tuple(weight.shape),
                                 mask=weight != 0, weight=weight))
             continue
-        enc = ann.encoding
-        mask = enc.mask.numpy().astype(bool)
-        mults = int(mask.sum()) - int(enc.num_pairs) if ann.fmt == "ucomp" else None
+        mask = ann.encoding.mask.numpy().astype(bool)
+        mults = _ucomp_count(weight) if ann.fmt == "ucomp" else None
         if tuple(weight.shape) != tuple(mask.shape):
             raise CheckError(f"{path}: layer {ann.name!r} is annotated with shape "
                              f"{tuple(mask.shape)}, its weight has {tuple(weight.shape)}")
         out.append(Declared(ann.name, ann.fmt, ann.repeat if ann.fmt == "comp" else None,
                             tuple(mask.shape), mask=mask, weight=weight, multipliers=mults))
     return out
+
+
+def _ucomp_count(weight) -> int:
+    """The ucomp multipliers vbxfx reports for a weight (its compress report and check count
+    them on per-output-channel int8 values, pairs found by equal magnitude)."""
+    import torch
+
+    from vbxfx.format import unstructured_macs
+    return unstructured_macs(torch.as_tensor(weight, dtype=torch.float32))
 
 
 def _from_report(path: str) -> list[Declared]:
@@ -174,9 +184,9 @@ def _from_module(model: Any) -> list[Declared]:
     out = []
     for name, module in model.named_modules():
         if is_compressed(module):
-            enc = module.encoding()
-            mask = enc.mask.detach().cpu().numpy().astype(bool)
-            mults = int(mask.sum()) - int(enc.num_pairs) if module.fmt == "ucomp" else None
+            mask = module.encoding().mask.detach().cpu().numpy().astype(bool)
+            mults = (_ucomp_count(module.compressed_weight().detach().cpu())
+                     if module.fmt == "ucomp" else None)
             out.append(Declared(name, module.fmt, module.repeat if module.fmt == "comp" else None,
                                 tuple(mask.shape), mask=mask, multipliers=mults))
         elif (isinstance(module, nn.Conv2d) and module.groups == 1) or isinstance(module,
