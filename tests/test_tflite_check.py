@@ -244,3 +244,25 @@ def test_export_without_onnx2tf_says_how_to_install(tmp_path, capsys, monkeypatc
     assert main(["export", str(onnx_path), "--tflite", str(existing)]) == 2
     assert "exists; vbxfx does not overwrite it (give --force)" in capsys.readouterr().err
     assert existing.read_bytes() == b"keep me" and onnx_path.read_bytes() == before
+
+
+def test_export_refuses_unusable_inputs_before_converting(tmp_path, capsys):
+    onnx_path = tmp_path / "m.onnx"
+    vbxfx.export_onnx(nn.Sequential(nn.Conv2d(3, 8, 1)), torch.randn(1, 3, 8, 8), str(onnx_path))
+    bad = tmp_path / "calib.npy"
+    np.save(bad, np.zeros((4, 3, 16, 16), np.float32))
+    out = tmp_path / "m.tflite"
+    args = ["export", str(onnx_path), "--tflite", str(out), "--onnx2tf", "/bin/true"]
+    assert main(args + ["--calib", str(bad)]) == 2
+    assert "has shape (4, 3, 16, 16); the model takes [N, 3, 8, 8]" in capsys.readouterr().err
+
+    class Two(nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+    two = tmp_path / "two.onnx"
+    torch.onnx.export(Two(), (torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)), str(two),
+                      dynamo=False)
+    assert main(["export", str(two), "--tflite", str(out), "--onnx2tf", "/bin/true"]) == 2
+    assert "2 graph inputs" in capsys.readouterr().err
+    assert not out.exists()
