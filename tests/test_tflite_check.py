@@ -166,7 +166,7 @@ def test_matching_by_content_when_shapes_repeat(tmp_path):
     assert [(r.declared, r.repeat, r.declared_repeat) for r in report.layers] == \
         [("1", 2, 2), ("0", 1, 1)]
     # the content decides: by order alone the repeats would not agree
-    by_order, _ = match_layers([((16, 3, 3, 16), q0), ((16, 3, 3, 16), q1)],
+    by_order, _ = match_layers([((16, 3, 3, 16), q0, None), ((16, 3, 3, 16), q1, None)],
                                [Declared("x", "comp", 1, (16, 16, 3, 3)),
                                 Declared("y", "comp", 2, (16, 16, 3, 3))])
     assert [d.name for d in by_order] == ["x", "y"]
@@ -266,3 +266,28 @@ def test_export_refuses_unusable_inputs_before_converting(tmp_path, capsys):
     assert main(["export", str(two), "--tflite", str(out), "--onnx2tf", "/bin/true"]) == 2
     assert "2 graph inputs" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_matching_by_output_size_when_the_file_order_differs(tmp_path):
+    # YOLO's heads: same filter shape at 80x80, 40x40, 20x20, and onnx2tf reorders them
+    g = torch.Generator().manual_seed(2)
+    w1, w2 = (vbxfx.project_weight(torch.randn(8, 8, 1, 1, generator=g), r) for r in (1, 2))
+    (q1, s1), (q2, s2) = per_channel(w1), per_channel(w2)
+    path = tmp_path / "heads.tflite"
+    write_tflite(path, [dict(op="CONV_2D", filter=q2, scale=s2, input=(1, 4, 4, 8),
+                             output=(1, 4, 4, 8), name="small"),
+                        dict(op="CONV_2D", filter=q1, scale=s1, input=(1, 8, 8, 8),
+                             output=(1, 8, 8, 8), name="large")])
+    rows = [{"name": "head.large", "fmt": "comp", "repeat": 1, "weight_shape": [8, 8, 1, 1],
+             "macs_before": 8 * 8 * 64},
+            {"name": "head.small", "fmt": "comp", "repeat": 2, "weight_shape": [8, 8, 1, 1],
+             "macs_before": 8 * 8 * 16}]
+    expect = tmp_path / "report.json"
+    expect.write_text(json.dumps({"fmt": "comp", "layers": rows}))
+    report = vbxfx.check_tflite(path, expect=str(expect))
+    assert report.ok, str(report)
+    assert [r.declared for r in report.layers] == ["head.small", "head.large"]
+    for row in rows:                       # without the sizes, order alone gets it wrong
+        del row["macs_before"]
+    expect.write_text(json.dumps({"fmt": "comp", "layers": rows}))
+    assert not vbxfx.check_tflite(path, expect=str(expect)).ok

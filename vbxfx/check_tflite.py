@@ -200,7 +200,8 @@ def check_tflite(path: str | os.PathLike, expect: Any = None) -> TfliteCheckRepo
     declared: list[Declared] = []
     if expect is not None:
         report.expect, declared = load_declarations(expect)
-    matched, left = match_layers([(tuple(q.shape), q) for _, q, _ in layers], declared)
+    matched, left = match_layers([(tuple(q.shape), q, _positions(model, op))
+                                  for op, q, _ in layers], declared)
     for (op, q, quant), decl in zip(layers, matched, strict=True):
         report.layers.append(_check_layer(model, op, q, quant, decl))
     for row in report.layers:

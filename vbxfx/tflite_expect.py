@@ -11,12 +11,17 @@
 
 :func:`match_layers` pairs each TFLite CONV_2D / FULLY_CONNECTED with one declared layer.
 onnx2tf does not keep the ONNX node names (its tensors are called
-``model/tf.nn.convolution_3/convolution``), so layers are matched by weight shape in the
-compiler's order ``[O, kh, kw, I]`` and, among the unmatched layers of that shape, by
-content: the one whose zero pattern (the annotation's mask, or the float weight's zeros)
-agrees best with the int8 filter's zeros; ties and content-free sources (the report) go to
-the earliest in graph order. onnx2tf keeps the ONNX graph order, so order alone decides
-only between same-shaped layers of a report.
+``model/tf.nn.convolution_3/convolution``), nor always the ONNX order (the heads of a YOLO
+come out in another order), so a TFLite layer is matched, among the declared layers not yet
+matched,
+
+1. by filter shape in the compiler's order ``[O, kh, kw, I]``;
+2. by output positions ``H_out * W_out``, where the source knows them (the ONNX from shape
+   inference, the report from its MAC counts), which tells apart same-shaped layers at
+   different resolutions;
+3. by content: the layer whose zero pattern (the annotation's mask, or the float weight's
+   zeros) agrees best with the int8 filter's zeros;
+4. ties and content-free sources (the report) go to the earliest in graph order.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from vbxfx.errors import CheckError, VbxError
+from vbxfx.format import padded_channels
 
 __all__ = ["Declared", "load_declarations", "match_layers", "compiler_shape"]
 
@@ -55,6 +61,7 @@ class Declared:
     mask: np.ndarray | None = None
     weight: np.ndarray | None = None
     multipliers: int | None = None
+    positions: int | None = None
 
     @property
     def compressed(self) -> bool:
@@ -118,10 +125,11 @@ def _from_onnx(path: str) -> list[Declared]:
         if ref is None or (node.op_type == "Conv" and int(attribute(node, "group", 1)) != 1):
             continue
         weight = np.asarray(ref.torch_layout(), dtype=np.float32)
+        positions = graph.output_positions(node)
         ann = notes.get(node.name)
         if ann is None:
             out.append(Declared(node.name, "dense", None, tuple(weight.shape),
-                                mask=weight != 0, weight=weight))
+                                mask=weight != 0, weight=weight, positions=positions))
             continue
         mask = ann.encoding.mask.numpy().astype(bool)
         mults = _ucomp_count(weight) if ann.fmt == "ucomp" else None
@@ -129,7 +137,8 @@ def _from_onnx(path: str) -> list[Declared]:
             raise CheckError(f"{path}: layer {ann.name!r} is annotated with shape "
                              f"{tuple(mask.shape)}, its weight has {tuple(weight.shape)}")
         out.append(Declared(ann.name, ann.fmt, ann.repeat if ann.fmt == "comp" else None,
-                            tuple(mask.shape), mask=mask, weight=weight, multipliers=mults))
+                            tuple(mask.shape), mask=mask, weight=weight, multipliers=mults,
+                            positions=positions))
     return out
 
 
@@ -152,6 +161,7 @@ def _from_report(path: str) -> list[Declared]:
     rows = report.get("layers") if isinstance(report, dict) else None
     if not isinstance(rows, list):
         raise CheckError(f"--expect {path}: no 'layers' list; {_ACCEPTED}")
+    structured = report.get("fmt", "comp") == "comp"
     out = []
     for k, row in enumerate(rows):
         try:
@@ -164,15 +174,18 @@ def _from_report(path: str) -> list[Declared]:
         if len(shape) not in (2, 4) or reason.startswith(_STRUCTURAL):
             continue                      # not a CONV_2D / FULLY_CONNECTED the compiler packs
         repeat = row.get("repeat") if fmt == "comp" else None
+        # macs_before: hardware MACs at repeat 4 (eligible layers of comp reports), else
+        # standard MACs
+        per_position = (shape[0] * int(np.prod(shape[2:])) * padded_channels(shape[1])
+                        if structured and row.get("eligible", True) else int(np.prod(shape)))
+        before = int(row.get("macs_before") or 0)
+        positions = before // per_position if before and before % per_position == 0 else None
         mults = None
-        if fmt == "ucomp":
-            dense = int(row.get("macs_before") or 0)
-            numel = int(np.prod(shape))
-            positions = dense // numel if numel else 0
-            mults = int(row["macs_after"]) // positions if positions else None
+        if fmt == "ucomp" and positions:
+            mults = int(row["macs_after"]) // positions
         out.append(Declared(name, fmt if fmt in ("comp", "ucomp") else "dense",
                             int(repeat) if repeat is not None else None, shape,
-                            multipliers=mults))
+                            multipliers=mults, positions=positions))
     return out
 
 
@@ -198,16 +211,20 @@ def _from_module(model: Any) -> list[Declared]:
 # ------------------------------------------------------------------------------ matching
 
 
-def match_layers(layers: list[tuple[tuple[int, ...], np.ndarray]],
+def match_layers(layers: list[tuple[tuple[int, ...], np.ndarray, int | None]],
                  declared: list[Declared]) -> tuple[list[Declared | None], list[Declared]]:
-    """Pair TFLite layers ``[(compiler shape, int8 values), ...]`` (in file order) with
-    declared layers (module docstring). Returns one Declared or None per TFLite layer, and
-    the declared layers left unmatched."""
+    """Pair TFLite layers ``[(compiler shape, int8 values, output positions), ...]`` (in file
+    order) with declared layers (module docstring). Returns one Declared or None per TFLite
+    layer, and the declared layers left unmatched."""
     free = list(range(len(declared)))
     shapes = [compiler_shape(d.shape) for d in declared]
     result: list[Declared | None] = []
-    for shape, values in layers:
+    for shape, values, positions in layers:
         candidates = [k for k in free if shapes[k] == tuple(shape)]
+        if positions is not None:
+            same = [k for k in candidates if declared[k].positions == positions]
+            unknown = [k for k in candidates if declared[k].positions is None]
+            candidates = same or unknown or candidates
         if not candidates:
             result.append(None)
             continue
