@@ -1,1 +1,1 @@
-"""Bridges from vbxfx to outside tools (each in its own module, imported on demand)."""
+"""Integrations of vbxfx with other tools, one module each (ultralytics, onnx2tf)."""
