@@ -7,6 +7,7 @@ test_tflite_export.py.
 from __future__ import annotations
 
 import json
+import os
 import numpy as np
 import pytest
 import torch
@@ -291,3 +292,16 @@ def test_matching_by_output_size_when_the_file_order_differs(tmp_path):
         del row["macs_before"]
     expect.write_text(json.dumps({"fmt": "comp", "layers": rows}))
     assert not vbxfx.check_tflite(path, expect=str(expect)).ok
+
+
+def test_setup_script_refuses_bad_arguments(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "setup_tflite_env.sh"
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: bash tools/setup_tflite_env.sh DIR" in usage.stderr
+    wrong = subprocess.run(["bash", str(script), str(tmp_path / "env")], capture_output=True,
+                           text=True, env={**os.environ, "PYTHON": "/bin/false"})
+    assert wrong.returncode == 2 and "3.11 is required" in wrong.stderr
+    assert not (tmp_path / "env").exists()
