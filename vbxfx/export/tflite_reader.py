@@ -88,7 +88,7 @@ class TfliteModel:
     operators: list[TfliteOperator] = field(default_factory=list)
     inputs: tuple[int, ...] = ()
     outputs: tuple[int, ...] = ()
-    raw: bytes = b""
+    raw: bytes = field(default=b"", repr=False)
 
     def data(self, tensor: TfliteTensor) -> np.ndarray | None:
         """The constant value of ``tensor`` (a read-only array of its shape), None if it has
