@@ -1,4 +1,4 @@
-"""Slow reference implementations written straight from ../shared/VBX_FORMAT.md.
+"""Slow reference implementations written straight from docs/format.md.
 
 Deliberately independent of vbxfx.format: plain Python loops over one block, and a brute
 force optimum that enumerates every possible structure of a block (which weights are zero,

@@ -8,6 +8,7 @@ from vbxfx.layers import LayerInfo, LayerTable
 from vbxfx.trace import analyze, trace
 from vbxfx.export import ExportReport, export_onnx, read_annotations
 from vbxfx.check import CheckReport, check_onnx
+from vbxfx.check_tflite import TfliteCheckReport, check_tflite
 from vbxfx.modules import VBXConv2d, VBXLinear, LayerAnnotation, is_compressed
 from vbxfx.passes.finalize import finalize
 from vbxfx.pipeline import CompressResult, compress
@@ -24,6 +25,7 @@ __all__ = [
     "unstructured_macs", "weight_repeat",
     "trace", "analyze", "LayerInfo", "LayerTable",
     "export_onnx", "read_annotations", "ExportReport", "check_onnx", "CheckReport",
+    "check_tflite", "TfliteCheckReport",
     "VBXConv2d", "VBXLinear", "LayerAnnotation", "is_compressed", "finalize", "compress",
     "CompressResult", "compress_vbx3", "compress_vbx3_unstructured",
     "allocate", "Allocation", "reconstruct", "ReconstructResult",

@@ -329,7 +329,11 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of ``vbxfx check`` to ``parser``."""
-    parser.add_argument("onnx", help="the annotated .onnx file")
+    parser.add_argument("onnx", help="the annotated .onnx file, or an int8 .tflite file")
+    parser.add_argument("--expect", metavar="FILE",
+                        help="TFLite files: what vbxfx declared (the vbxfx .onnx, a compress "
+                             "--json report, or a compressed torch .pt); each layer's repeat "
+                             "is compared with it")
     parser.add_argument("--model", metavar="SPEC",
                         help="the torch model the file came from, for the onnxruntime comparison "
                              "(e.g. path/to/model.pt saved with torch.save, or file.py:factory)")
@@ -367,6 +371,12 @@ def _load_input(path: str) -> tuple:
 
 def run_check_command(args: argparse.Namespace) -> int:
     """Run ``vbxfx check`` with parsed options; print a table (or JSON); return the exit code."""
+    from vbxfx.check_tflite import is_tflite_path, run_tflite_check
+    if is_tflite_path(args.onnx):
+        return run_tflite_check(args)
+    if getattr(args, "expect", None):
+        return _fail(args, "--expect applies to .tflite files; an ONNX file carries its "
+                           "own annotations")
     try:
         model = None
         if args.model:

@@ -246,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("onnx")
     p.set_defaults(func=cmd_check)
 
+    p = sub.add_parser("export", help="convert a vbxfx ONNX to the int8 TFLite vnnx_compile "
+                       "reads (onnx2tf, on a copy) and check it")
+    from vbxfx.integrations.onnx2tf import add_export_arguments, run_export_command
+    add_export_arguments(p)
+    p.set_defaults(func=lambda args, con: run_export_command(args, con.note))
+
     p = sub.add_parser("demo", help="the whole pipeline on a model that ships with vbxfx")
     p.add_argument("--compression", type=float, default=0.66)
     p.add_argument("-o", "--output", help="keep the ONNX file here (default: a temporary folder)")

@@ -38,7 +38,7 @@ __all__ = ["LayerInfo", "LayerTable", "KINDS", "LINEAR_NOTE", "LAYER_TYPES", "mo
 #: The ``kind`` values a LayerInfo can have.
 KINDS = ("conv2d", "linear", "conv1d", "conv3d", "conv_transpose", "functional_conv2d",
          "functional_linear")
-#: The ``note`` every Linear layer carries (VBX_FORMAT.md, "Which layers").
+#: The ``note`` every Linear layer carries (docs/format.md, "Which layers").
 LINEAR_NOTE = ("Linear is treated as a 1x1 convolution (blocks along in_features); the "
                "savings hold where the toolchain maps it to a convolution")
 

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 #: The value that keeps a layer dense.
 DENSE = "dense"
-#: The two compression formats (VBX_FORMAT.md): structured and unstructured.
+#: The two compression formats (docs/format.md): structured and unstructured.
 FORMATS = ("comp", "ucomp")
 #: Structured format: fraction of multiplies removed -> repeat.
 COMP_LEVELS = {0.0: 4, 0.5: 2, 0.75: 1}

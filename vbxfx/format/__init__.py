@@ -1,4 +1,4 @@
-"""The VectorBlox weight formats (``../shared/VBX_FORMAT.md``): the one module that knows them.
+"""The VectorBlox weight formats (``docs/format.md``): the one module that knows them.
 
 Structured ("comp", repeat 1/2/4) and unstructured ("ucomp") formats: layout, exact
 projection with pairing, fit checks after int8 quantization, encoding, MAC costs.

@@ -1,4 +1,4 @@
-"""Multiply counts of a layer on the VectorBlox hardware (``../shared/VBX_FORMAT.md``)."""
+"""Multiply counts of a layer on the VectorBlox hardware (``docs/format.md``)."""
 
 from __future__ import annotations
 
