@@ -155,7 +155,7 @@ def test_quiet_and_threads_before_or_after_the_command(where):
     assert out.stderr == "" and "hardware MACs" in out.stdout
 
 
-def test_threads_option_and_environment():
+def test_threads_option_and_environment(monkeypatch):
     import torch
 
     from vbxfx.cli import default_threads, main
@@ -173,8 +173,13 @@ def test_threads_option_and_environment():
         assert main(["-q", "analyze", "demo"]) == 0
         assert torch.get_num_threads() == 2
         del os.environ["OMP_NUM_THREADS"]
+        cpus = len(os.sched_getaffinity(0))
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))     # an idle machine
+        assert default_threads() == cpus
+        monkeypatch.setattr(os, "getloadavg", lambda: (cpus + 3.0, 0.0, 0.0))   # a busy one
+        assert default_threads() == 1
         assert main(["-q", "analyze", "demo"]) == 0
-        assert torch.get_num_threads() == default_threads() >= 1
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(saved)
         root.handlers[:] = handlers
