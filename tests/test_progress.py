@@ -52,7 +52,7 @@ def test_console_plain_lines_and_logging_through_it(monkeypatch):
     finally:
         log.removeHandler(handler)
     lines = err.getvalue().splitlines()
-    assert lines[0] == "  refit: layers: 3 steps ..."
+    assert lines[0] == "  refit: layers 0/3 ..."
     assert lines[1] == "WARNING in the middle"
     assert lines[2].startswith("  refit: layers: done in ")
     assert lines[3].startswith("  export: failed after ")

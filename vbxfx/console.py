@@ -105,7 +105,7 @@ class Console:
             self._ticker = threading.Thread(target=self._tick, args=(self._bar,), daemon=True)
             self._ticker.start()
         elif total > 1:
-            print(f"{label}: {total} steps ...", file=sys.stderr, flush=True)
+            print(f"{label} 0/{total} ...", file=sys.stderr, flush=True)
 
     def _tick(self, bar: Any) -> None:
         while not self._stop.wait(0.5):
