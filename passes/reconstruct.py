@@ -35,7 +35,7 @@ class Reconstruct(GraphPass):
         reference: the dense model the GraphModule was traced from (not modified).
         calib_data: a Tensor batch or an iterable of batches.
         **options: ``iters``, ``damp``, ``max_rows``, ``max_stats_bytes``, ``layers``,
-            ``seed`` of :func:`vbxfx.reconstruct.reconstruct`.
+            ``seed``, ``progress`` of :func:`vbxfx.reconstruct.reconstruct`.
 
     Returns ``PassResult(gm, modified, details=ReconstructResult)``.
 

@@ -243,3 +243,79 @@ def test_cli_exit_codes_and_output(exported, tmp_path, capsys):
         "ok": False, "exit_code": 2, "error": f"{tmp_path / 'missing.onnx'}: no such file"}
     assert main_check([]) == 2                                          # argparse usage error
     assert "usage: vbxfx check" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- dtypes, devices
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes_export_float32_and_check_with_their_tolerances(dtype, tmp_path, caplog):
+    """float16 failed the float32 tolerances, float64 gave a file onnxruntime cannot load."""
+    from vbxfx.demo import DemoNet
+    from vbxfx.tolerances import tolerances_for
+
+    model = DemoNet().to(dtype)
+    x = torch.randn(1, 3, 64, 64).to(dtype)
+    compressed = vbxfx.compress(model, x, compression=0.66).model
+    path = tmp_path / "m.onnx"
+    with caplog.at_level("WARNING", logger="vbxfx.export.onnx_export"):
+        vbxfx.export_onnx(compressed, x, path)
+    assert "the ONNX file is float32" in caplog.text
+    proto = onnx.load(path)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    report = vbxfx.check_onnx(path, torch_model=compressed, example_inputs=x)
+    assert report.ok, str(report)
+    assert (report.rtol, report.atol) == tolerances_for(dtype)
+    assert report.max_rel > 0 and len(report.outputs) == 3
+    vbxfx.testing.assert_onnx_equivalent(compressed, path, x)
+
+
+def test_a_meta_model_is_one_clear_line_and_nothing_changes(exported):
+    _, _, x, path = exported
+    meta = nn.Sequential(nn.Conv2d(3, 16, 3, device="meta"), nn.Conv2d(16, 16, 3, device="meta"))
+    for call, error in ((lambda: vbxfx.compress(meta, torch.randn(1, 3, 8, 8)), vbxfx.ConfigError),
+                        (lambda: vbxfx.compress_vbx3(meta, 0.5), vbxfx.ConfigError),
+                        (lambda: vbxfx.export_onnx(meta, torch.randn(1, 3, 8, 8), path + ".meta.onnx"),
+                         vbxfx.ConfigError),
+                        (lambda: vbxfx.check_onnx(path, torch_model=meta), CheckError)):
+        with pytest.raises(error, match=r"parameter '0.weight' is on the meta device") as caught:
+            call()
+        assert "\n" not in str(caught.value)
+    assert not any(vbxfx.is_compressed(m) for m in meta.modules())
+
+
+def test_example_inputs_may_be_a_list(exported):
+    model, _, x, path = exported
+    report = vbxfx.check_onnx(path, torch_model=model, example_inputs=[x])
+    assert report.ok and [o.inputs for o in report.outputs][0] == "example_inputs"
+
+
+def test_report_says_when_and_why_it_did_not_compare(exported):
+    model, _, x, path = exported
+    alone = vbxfx.check_onnx(path, n_random=1)
+    assert alone.ok and alone.not_compared == "no torch model given"
+    assert "onnxruntime vs torch: not compared (no torch model given)" in str(alone)
+    assert alone.to_dict()["not_compared"] == "no torch model given"
+    assert vbxfx.check_onnx(path, torch_model=model, n_random=0).not_compared.startswith("no input")
+    assert vbxfx.check_onnx(path, torch_model=model, example_inputs=x).not_compared is None
+
+
+def test_a_torch_model_with_other_weights_is_named_as_the_cause(exported):
+    model, _, x, path = exported
+    fresh = copy.deepcopy(model)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.copy_(torch.randn_like(p))
+    report = vbxfx.check_onnx(path, torch_model=fresh, example_inputs=x)
+    assert not report.ok
+    hint = [p for p in report.problems if "weights are not the exported ones" in p]
+    assert len(hint) == 1 and "3 of 3 annotated layer(s) differ" in hint[0]
+    # one weight changed after the export: the hint names that layer alone
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.fc.weight[3, 5] += changed.fc.weight[3].abs().max() / 127
+    report = vbxfx.check_onnx(path, torch_model=changed, example_inputs=x)
+    hint = [p for p in report.problems if "weights are not the exported ones" in p]
+    assert len(hint) == 1 and "(1 of 3 annotated layer(s) differ, e.g. 'fc')" in hint[0]
+    assert vbxfx.check_onnx(path, torch_model=model, example_inputs=x).ok       # no false alarm

@@ -82,3 +82,39 @@ def test_file_errors_name_the_file(tmp_path):
     arr.write_text("[0.5]")
     with pytest.raises(ConfigError, match="list.json' must hold a JSON object"):
         load_overrides(arr)
+
+
+# --------------------------------------------------------------------------- a mapping
+
+
+def test_json_file_may_be_a_mapping(table):
+    assert load_overrides({"stem": 0.5}) == {"stem": 0.5}
+    assert merged_overrides(table, {"stem": 0.5, "head": "dense"}) == {"stem": 2, "head": 4}
+    with pytest.raises(ConfigError, match=r"json_file \(a dict\) names 1 layer"):
+        merged_overrides(table, {"nope": 0.5})
+    with pytest.raises(ConfigError, match="json_file must be a path to a JSON file or a mapping"):
+        load_overrides(3)
+
+
+def test_compress_and_compress_vbx3_take_a_mapping(caplog):
+    import torch
+    from torch import nn
+
+    import vbxfx
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+    x = torch.randn(1, 8, 8, 8)
+    result = vbxfx.compress(net(), x, compression=0.5, json_file={"0": 0.75, "5": "dense"})
+    rows = {r["name"]: r for r in result.report["layers"]}
+    assert rows["5"]["fmt"] == "dense" and rows["0"]["repeat"] == 1
+    model = net()
+    report = vbxfx.compress_vbx3(model, 0.5, json_file={"0": 0.75})
+    assert report["layers"]["0"]["repeat"] == 1
+    every = {"0": 0.5, "2": 0.75, "5": "dense"}        # sets every layer: compression unused
+    with caplog.at_level(logging.INFO, logger="vbxfx.seed_api"):
+        report = vbxfx.compress_vbx3(net(), 0.6, json_file=every)
+    assert "json_file (a dict) sets every layer" in caplog.text
+    assert {n: r["repeat"] for n, r in report["layers"].items()} == {"0": 2, "2": 1}

@@ -10,6 +10,8 @@
 
 ``natural_image_crops(n, size)`` cuts random crops out of the photos bundled with
 scikit-image (no download), the label-free data of the benchmarks and tests.
+``calibration_from_spec(spec, input_shape)`` reads the command line's ``--calib``: a path as
+above, or ``skimage`` / ``skimage:N`` for N such crops (64 by default).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 
 from vbxfx.errors import ConfigError
 
-__all__ = ["load_calibration", "natural_image_crops", "IMAGENET_MEAN", "IMAGENET_STD", "PHOTOS"]
+__all__ = ["load_calibration", "natural_image_crops", "calibration_from_spec", "IMAGENET_MEAN",
+           "IMAGENET_STD", "PHOTOS", "SKIMAGE_DEFAULT"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "hubble_deep_field",
           "immunohistochemistry", "colorwheel", "retina")
 _IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp")
+#: crops that ``--calib skimage`` cuts when no count is given
+SKIMAGE_DEFAULT = 64
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -99,14 +104,50 @@ def load_calibration(path: str | os.PathLike, input_shape: tuple[int, ...],
                       "a .pt tensor file or a .npy array")
 
 
-def natural_image_crops(n: int, size: int = 224, seed: int = 0, normalize: bool = True,
-                        photos: tuple[str, ...] = PHOTOS) -> torch.Tensor:
-    """``n`` random crops (30-100% of the shorter side, random flips) of scikit-image's photos,
-    resized to ``size`` x ``size``; ImageNet-normalised by default.
+def calibration_from_spec(spec: str, input_shape: tuple[int, ...],
+                          normalize: bool = True) -> torch.Tensor:
+    """The calibration batch that ``--calib spec`` names: ``skimage[:N]`` crops of the input's
+    size, else :func:`load_calibration` of the path.
 
     Raises:
-        ConfigError: scikit-image is not installed.
+        ConfigError: a bad count (``skimage:abc``, ``skimage:0``), an input that is not a
+            3-channel image, or what :func:`load_calibration` raises.
     """
+    spec = str(spec)
+    if spec != "skimage" and not spec.startswith("skimage:"):
+        return load_calibration(spec, tuple(input_shape), normalize=normalize)
+    text = spec.partition(":")[2]
+    try:
+        n = int(text) if text else SKIMAGE_DEFAULT
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--calib {spec!r}: give skimage:N with N a positive number of crops, "
+                          f"e.g. skimage:64 (skimage alone cuts {SKIMAGE_DEFAULT})")
+    if len(input_shape) != 4 or input_shape[1] != 3:
+        raise ConfigError(f"--calib {spec!r} cuts RGB photos; the model's input shape "
+                          f"{tuple(input_shape)} is not [N, 3, H, W]: give calibration data of "
+                          "its own as a .pt/.npy file")
+    return natural_image_crops(n, size=(input_shape[2], input_shape[3]), normalize=normalize)
+
+
+def natural_image_crops(n: int, size: int | tuple[int, int] = 224, seed: int = 0,
+                        normalize: bool = True,
+                        photos: tuple[str, ...] = PHOTOS) -> torch.Tensor:
+    """``n`` random crops (30-100% of the shorter side, random flips) of scikit-image's photos,
+    resized to ``size`` x ``size`` (or ``(height, width)``); ImageNet-normalised by default.
+
+    Raises:
+        ConfigError: a count or size that is not a positive integer; scikit-image is not
+            installed.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"natural_image_crops: n must be a positive int, got {n!r}")
+    hw = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+    if not (isinstance(hw, (tuple, list)) and len(hw) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw)):
+        raise ConfigError(f"natural_image_crops: size must be a positive int or (height, width), "
+                          f"got {size!r}")
     try:
         import skimage.data
     except ImportError as e:
@@ -121,7 +162,7 @@ def natural_image_crops(n: int, size: int = 224, seed: int = 0, normalize: bool 
         side = int(torch.randint(int(min(h, w) * 0.3), min(h, w) + 1, (1,), generator=g))
         y = int(torch.randint(0, h - side + 1, (1,), generator=g))
         x = int(torch.randint(0, w - side + 1, (1,), generator=g))
-        crop = torch.nn.functional.interpolate(im[None, :, y:y + side, x:x + side], size=(size, size),
+        crop = torch.nn.functional.interpolate(im[None, :, y:y + side, x:x + side], size=tuple(hw),
                                                mode="bilinear", antialias=True, align_corners=False)
         if float(torch.rand(1, generator=g)) < 0.5:
             crop = crop.flip(3)

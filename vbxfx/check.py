@@ -25,13 +25,10 @@ problem in the report. :func:`run_check_command` is the CLI: exit code 0 when al
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,22 +36,22 @@ import numpy as np
 import onnx
 import torch
 
-from vbxfx.errors import CheckError, VbxError
+from vbxfx.errors import CheckError
 from vbxfx.export.graph import OnnxGraph, attribute
 from vbxfx.export.reader import annotated_nodes, load_onnx
 from vbxfx.export.foreign import foreign_nodes, has_annotations
 from vbxfx.export.verify import dense_mults, verify_layer
+from vbxfx.model_state import float_dtype, require_real_tensors
+from vbxfx.tolerances import TOLERANCES, tolerances_for
 
 __all__ = ["check_onnx", "CheckReport", "LayerRow", "OutputRow", "DEFAULT_RTOL", "DEFAULT_ATOL",
            "add_check_arguments", "run_check_command", "main_check"]
 
 logger = logging.getLogger(__name__)
 
-#: Default tolerances of the numerical comparison (``atol + rtol * max|torch output|``).
-#: onnxruntime and torch differ by about 1e-6 of an output's magnitude on resnet18,
-#: mobilenet_v3 and yolov8n; one int8 step in a classifier weight moves it by about 1e-4.
-DEFAULT_RTOL = 1e-5
-DEFAULT_ATOL = 1e-6
+#: Tolerances of the numerical comparison (``atol + rtol * max|torch output|``) for a float32
+#: torch model; other dtypes get theirs from :data:`vbxfx.tolerances.TOLERANCES`.
+DEFAULT_RTOL, DEFAULT_ATOL = TOLERANCES["float32"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +96,8 @@ class CheckReport:
     rtol: float = DEFAULT_RTOL
     atol: float = DEFAULT_ATOL
     seconds: float = 0.0
+    #: why onnxruntime was not compared with torch (None when it was)
+    not_compared: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -127,7 +126,7 @@ class CheckReport:
                 "outputs": [asdict(o) for o in self.outputs], "totals": self.totals(),
                 "rtol": self.rtol, "atol": self.atol, "problems": list(self.problems),
                 "notes": list(self.notes),
-                "seconds": self.seconds}
+                "not_compared": self.not_compared, "seconds": self.seconds}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -155,6 +154,8 @@ class CheckReport:
             out.append(f"onnxruntime vs torch: {len(self.outputs)} comparison(s), max abs "
                        f"{self.max_abs:.3g}, max rel {self.max_rel:.3g} (rtol {self.rtol:g}, "
                        f"atol {self.atol:g})")
+        elif self.not_compared:
+            out.append(f"onnxruntime vs torch: not compared ({self.not_compared})")
         out += [f"note: {n}" for n in self.notes]
         out += [f"problem: {p}" for p in self.problems]
         out.append("OK" if self.ok else f"FAILED ({len(self.problems)} problem(s))")
@@ -166,26 +167,38 @@ class CheckReport:
 
 def check_onnx(path: str | os.PathLike, *, torch_model: torch.nn.Module | None = None,
                example_inputs: Any = None, inputs: Any = None, n_random: int = 2,
-               rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+               rtol: float | None = None, atol: float | None = None,
                seed: int = 0, layers: Any = None) -> CheckReport:
     """Check the annotated ONNX file at ``path`` (see the module docstring).
 
     Args:
         torch_model: the model the file came from; enables the numerical comparison.
-        example_inputs: one input set (a Tensor or a tuple); also gives the shapes of the
-            random inputs when the ONNX inputs have dynamic dimensions.
+        example_inputs: one input set (a Tensor, or a tuple or list of Tensors); also gives
+            the shapes of the random inputs when the ONNX inputs have dynamic dimensions.
         inputs: user inputs: one set (Tensor, ndarray or tuple) or a list of sets.
         n_random: random input sets (standard normal, seeded with ``seed``).
+        rtol, atol: tolerances; None takes those of the torch model's dtype
+            (:data:`vbxfx.tolerances.TOLERANCES`: 1e-5 / 1e-6 for float32, 1e-2 / 1e-5 for
+            float16).
         layers: for a file without annotations (exported by another tool, e.g. ``yolo
             export``): a layers file or mapping (see :mod:`vbxfx.export.foreign`); with
             ``torch_model`` alone its compressed layers are the declared ones.
 
     Raises:
-        CheckError: the file or the inputs cannot be used (the message says why).
+        CheckError: the file, the torch model (e.g. on the meta device) or the inputs cannot
+            be used (the message says why).
     """
     start = time.perf_counter()
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
         raise CheckError(f"n_random must be an int >= 0, got {n_random!r}")
+    if torch_model is not None and not isinstance(torch_model, torch.nn.Module):
+        raise CheckError(f"torch_model must be an nn.Module, got {type(torch_model).__name__}")
+    if torch_model is not None:
+        require_real_tensors(torch_model, "check_onnx", CheckError)
+    dtype_rtol, dtype_atol = tolerances_for(float_dtype(torch_model) if torch_model is not None
+                                            else torch.float32)
+    rtol = dtype_rtol if rtol is None else rtol
+    atol = dtype_atol if atol is None else atol
     for name, tol in (("rtol", rtol), ("atol", atol)):
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
             raise CheckError(f"{name} must be a number >= 0, got {tol!r}")
@@ -213,12 +226,23 @@ def check_onnx(path: str | os.PathLike, *, torch_model: torch.nn.Module | None =
         report.problems = [p for p in report.problems if "annotation disagrees" not in p]
     report.model_macs = _model_macs(graph)
     sets = _input_sets(inputs, example_inputs)
+    if torch_model is not None and float_dtype(torch_model) != torch.float32:
+        sets = _in_file_dtype(sets, float_dtype(torch_model))
     from vbxfx.export.numerics import compare
+    skipped = None
     if foreign and torch_model is not None and not _same_outputs(where, torch_model, proto):
-        report.notes.append("onnxruntime vs torch skipped: the file's outputs are not the torch "
-                            "model's (an exporter's inference head, e.g. yolo export)")
+        skipped = ("the file's outputs are not the torch model's: an exporter's inference head, "
+                   "e.g. yolo export")
         torch_model = None
     compare(where, torch_model, sets, example_inputs, n_random, seed, report)
+    if torch_model is None:
+        report.not_compared = skipped or "no torch model given"
+    elif not report.outputs and not report.problems:
+        report.not_compared = "no input set: give inputs, example_inputs or n_random > 0"
+    elif not all(o.ok for o in report.outputs) or not report.outputs:
+        hint = _weights_hint(graph, nodes, torch_model)
+        if hint:
+            report.problems.append(hint)
     report.seconds = time.perf_counter() - start
     logger.info("checked %s: %s in %.1f s", where, "ok" if report.ok else
                 f"{len(report.problems)} problem(s)", report.seconds)
@@ -293,6 +317,35 @@ def _model_macs(graph: OnnxGraph) -> int | None:
     return total
 
 
+def _weights_hint(graph: OnnxGraph, nodes: list, torch_model: torch.nn.Module) -> str | None:
+    """A problem line when the torch model's layers do not hold the file's weights (a fresh
+    model, or the dense one), else None: then a numerical mismatch is no surprise."""
+    from vbxfx.export.onnx_export import proportional
+    from vbxfx.modules import is_compressed
+
+    differ, compared = [], 0
+    for item in nodes:
+        ref = graph.weight(item.node)
+        try:
+            layer = torch_model.get_submodule(item.annotation.name)
+        except AttributeError:
+            continue
+        w = layer.compressed_weight() if is_compressed(layer) else getattr(layer, "weight", None)
+        if ref is None or not isinstance(w, torch.Tensor):
+            continue
+        compared += 1
+        w = w.detach().to(torch.float32).cpu().numpy()
+        if not proportional(w, np.asarray(ref.torch_layout(), np.float32), tol=1e-3):
+            differ.append(item.annotation.name)
+    if not differ:
+        return None
+    return (f"the torch model's weights are not the exported ones ({len(differ)} of {compared} "
+            f"annotated layer(s) differ, e.g. {differ[0]!r}), so its outputs cannot match: "
+            "compare with the compressed model the file was exported from (on the command line: "
+            "--model model.pt as saved by vbxfx compress --save, or --weights with its "
+            "state_dict)")
+
+
 def _input_sets(inputs: Any, example_inputs: Any) -> list[tuple[str, tuple]]:
     """``[(label, arrays)]``: the user's sets, then the example inputs."""
     sets: list[tuple[str, tuple]] = []
@@ -301,8 +354,19 @@ def _input_sets(inputs: Any, example_inputs: Any) -> list[tuple[str, tuple]]:
         for k, one in enumerate(many):
             sets.append((f"inputs[{k}]", _as_set(one, f"inputs[{k}]")))
     if example_inputs is not None:
+        if isinstance(example_inputs, list):   # one set, as compress and export_onnx take it
+            example_inputs = tuple(example_inputs)
         sets.append(("example_inputs", _as_set(example_inputs, "example_inputs")))
     return sets
+
+
+def _in_file_dtype(sets: list[tuple[str, tuple]], dtype: torch.dtype) -> list[tuple[str, tuple]]:
+    """Inputs given in the torch model's dtype (float16, float64) as float32, the file's."""
+    name = str(dtype).removeprefix("torch.")
+    same = (lambda a: a.dtype == np.float32) if name == "bfloat16" else \
+        (lambda a: a.dtype.name == name)
+    return [(label, tuple(a.astype(np.float32) if same(a) else a for a in arrays))
+            for label, arrays in sets]
 
 
 def _as_set(value: Any, what: str) -> tuple:
@@ -310,7 +374,8 @@ def _as_set(value: Any, what: str) -> tuple:
     out = []
     for item in items:
         if isinstance(item, torch.Tensor):
-            out.append(item.detach().cpu().numpy())
+            item = item.detach().cpu()
+            out.append((item.float() if item.dtype == torch.bfloat16 else item).numpy())
         elif isinstance(item, np.ndarray):
             out.append(item)
         else:
@@ -325,95 +390,6 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 
 
 # --------------------------------------------------------------------------- command line
+# (in vbxfx.check_command, which builds the parser without importing torch or onnx)
 
-
-def add_check_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the options of ``vbxfx check`` to ``parser``."""
-    parser.add_argument("onnx", help="the annotated .onnx file, or an int8 .tflite file")
-    parser.add_argument("--expect", metavar="FILE",
-                        help="TFLite files: what vbxfx declared (the vbxfx .onnx, a compress "
-                             "--json report, or a compressed torch .pt); each layer's repeat "
-                             "is compared with it")
-    parser.add_argument("--model", metavar="SPEC",
-                        help="the torch model the file came from, for the onnxruntime comparison "
-                             "(e.g. path/to/model.pt saved with torch.save, or file.py:factory)")
-    parser.add_argument("--weights", metavar="FILE", help="a state_dict loaded on top of --model")
-    parser.add_argument("--layers", metavar="FILE",
-                        help="for a file another tool exported (yolo export): the JSON report of "
-                             "`vbxfx compress --json`, or {layer: repeat}, to check it against "
-                             "(--model with a compressed model does the same, weights included)")
-    parser.add_argument("--input", metavar="FILE", action="append", default=[],
-                        help="an input set: .npy (single-input models) or .npz (arrays by input "
-                             "name or in order); repeat for more")
-    parser.add_argument("--random", type=int, default=2, metavar="N",
-                        help="random input sets to compare on (default 2)")
-    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
-                        help=f"relative tolerance, of max|torch output| (default {DEFAULT_RTOL:g})")
-    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL,
-                        help=f"absolute tolerance (default {DEFAULT_ATOL:g})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    return parser
-
-
-def _load_input(path: str) -> tuple:
-    if not os.path.isfile(path):
-        raise CheckError(f"--input {path}: no such file")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise CheckError(f"--input {path}: not a .npy/.npz file ({_one_line(e)})") from e
-    if isinstance(data, np.ndarray):
-        return (data,)
-    with data:
-        return tuple(data[k] for k in data.files)
-
-
-def run_check_command(args: argparse.Namespace) -> int:
-    """Run ``vbxfx check`` with parsed options; print a table (or JSON); return the exit code."""
-    from vbxfx.check_tflite import is_tflite_path, run_tflite_check
-    if is_tflite_path(args.onnx):
-        return run_tflite_check(args)
-    if getattr(args, "expect", None):
-        return _fail(args, "--expect applies to .tflite files; an ONNX file carries its "
-                           "own annotations")
-    try:
-        model = None
-        if args.model:
-            from vbxfx.model_spec import resolve_model
-            model = resolve_model(args.model, args.weights).model
-        inputs = [_load_input(p) for p in args.input] or None
-        report = check_onnx(args.onnx, torch_model=model, inputs=inputs, n_random=args.random,
-                            rtol=args.rtol, atol=args.atol, seed=args.seed,
-                            layers=getattr(args, "layers", None))
-    except VbxError as e:
-        return _fail(args, str(e))
-    except Exception as e:  # never a traceback on the command line
-        logger.debug("check failed", exc_info=True)
-        return _fail(args, f"{type(e).__name__}: {_one_line(e)}")
-    print(report.to_json() if args.json else report)
-    return 0 if report.ok else 1
-
-
-def _fail(args: argparse.Namespace, message: str) -> int:
-    message = " ".join(message.split())
-    if getattr(args, "json", False):
-        print(json.dumps({"ok": False, "exit_code": 2, "error": message}))
-    print(f"vbxfx check: error: {message}", file=sys.stderr)
-    return 2
-
-
-def main_check(argv: Sequence[str] | None = None) -> int:
-    """``vbxfx check`` as a function: parse ``argv`` and return the exit code."""
-    parser = add_check_arguments(argparse.ArgumentParser(
-        prog="vbxfx check",
-        description="Check an annotated ONNX file for the VectorBlox toolchain."))
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse has printed its one-line usage error
-        return int(e.code or 0)
-    return run_check_command(args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main_check())
+from vbxfx.check_command import add_check_arguments, main_check, run_check_command  # noqa: E402

@@ -11,6 +11,10 @@ Structured format (``fmt="comp"``): 0.5 means the 2:4 level (repeat 2), 0.75 the
 Unstructured format (``fmt="ucomp"``): a value in [0.5, 1) is used as it is, 0 or ``"dense"``
 keeps the layer dense.
 
+Wherever a ``json_file`` is taken (:func:`vbxfx.compress`, :func:`vbxfx.compress_vbx3`,
+``vbxfx compress --json-file``), it is a path to such a file or, in Python, the mapping
+itself: ``json_file={"features.0.0": "dense"}``.
+
 Keys are exact names or fnmatch globs (``"features.1?.conv.2"``); an exact name wins over a
 glob, and a later glob over an earlier one. Listed layers are fixed; the others take part in
 the global choice and make up the difference to the target.
@@ -37,7 +41,7 @@ from vbxfx.errors import ConfigError
 from vbxfx.layers import LayerTable
 
 __all__ = ["DENSE", "FORMATS", "COMP_LEVELS", "load_overrides", "resolve_overrides",
-           "merged_overrides"]
+           "merged_overrides", "describe"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +55,27 @@ _UCOMP_RANGE = (0.5, 1.0)
 _GLOB_CHARS = frozenset("*?[")
 
 
-def load_overrides(json_file: str | os.PathLike) -> dict[str, Any]:
-    """Read a ``json_file`` of per-layer overrides (no validation of the values yet).
+def describe(json_file: str | os.PathLike | Mapping[str, Any]) -> str:
+    """How messages name a ``json_file``: ``json_file 'layers.json'`` or ``json_file (a dict)``."""
+    if isinstance(json_file, Mapping):
+        return f"json_file (a {type(json_file).__name__})"
+    return f"json_file {os.fspath(json_file)!r}"
+
+
+def load_overrides(json_file: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """Read a ``json_file`` of per-layer overrides, or copy the mapping given instead (no
+    validation of the values yet).
 
     Raises:
         ConfigError: the file is missing or unreadable, not JSON, or not a JSON object;
-            the message names the file.
+            the message names the file. Anything but a path or a mapping.
     """
+    if isinstance(json_file, Mapping):
+        return dict(json_file)
+    if not isinstance(json_file, (str, os.PathLike)):
+        raise ConfigError(f"json_file must be a path to a JSON file or a mapping "
+                          f"{{\"layer.fqn\": 0.5 | 0.75 | \"dense\"}}, got "
+                          f"{type(json_file).__name__}")
     path = os.fspath(json_file)
     try:
         with open(path, encoding="utf-8") as f:
@@ -155,14 +173,16 @@ def resolve_overrides(raw: Mapping[str, Any], table: LayerTable, fmt: str = "com
     return out
 
 
-def merged_overrides(table: LayerTable, json_file: str | os.PathLike | None = None,
+def merged_overrides(table: LayerTable,
+                     json_file: str | os.PathLike | Mapping[str, Any] | None = None,
                      overrides: Mapping[str, Any] | None = None,
                      fmt: str = "comp") -> dict[str, int | float]:
-    """The ``json_file`` overrides with ``overrides`` on top (the argument wins per layer)."""
+    """The ``json_file`` overrides (a path or a mapping) with ``overrides`` on top (the
+    argument wins per layer)."""
     out: dict[str, int | float] = {}
     if json_file is not None:
         out.update(resolve_overrides(load_overrides(json_file), table, fmt,
-                                     source=f"json_file {os.fspath(json_file)!r}"))
+                                     source=describe(json_file)))
     if overrides is not None:
         out.update(resolve_overrides(overrides, table, fmt, source="overrides"))
     return out

@@ -12,10 +12,11 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from torch import nn
@@ -23,6 +24,7 @@ from torch import nn
 from vbxfx.errors import ConfigError
 from vbxfx.format import unstructured_macs
 from vbxfx.layers import LayerTable
+from vbxfx.model_state import require_real_tensors
 from vbxfx.modules import DEFAULT_REFRESH_EVERY
 from vbxfx.passes.allocate import Allocate, Allocation
 from vbxfx.passes.analyze_layers import AnalyzeLayers
@@ -44,11 +46,13 @@ class CompressResult(NamedTuple):
 
 def compress(model: nn.Module, example_inputs: Any, compression: float = 0.66,
              budget: str = "macs", sensitivity: str = "weight",
-             json_file: str | os.PathLike | None = None, exclude: str | Iterable[str] = (),
+             json_file: str | os.PathLike | Mapping[str, Any] | None = None,
+             exclude: str | Iterable[str] = (),
              calib_data: Any = None, eval_fn: Callable[[nn.Module], float] | None = None,
              fmt: str = "comp", *, pairing: bool = True,
              refresh_every: int | None = DEFAULT_REFRESH_EVERY, leaf_modules: Any = (),
-             allow_dense: bool = False, reconstruct: bool | None = None) -> CompressResult:
+             allow_dense: bool = False, reconstruct: bool | None = None,
+             progress: Callable[[str, int, int], None] | None = None) -> CompressResult:
     """Compress a deep copy of ``model`` so that ``compression`` of the budget is removed.
 
     Args:
@@ -57,7 +61,8 @@ def compress(model: nn.Module, example_inputs: Any, compression: float = 0.66,
         compression: fraction of the budget quantity to remove (e.g. 0.66).
         budget: ``"macs"`` (hardware MACs) or ``"params"`` (weights).
         sensitivity: ``"weight"``, ``"output"`` (needs ``calib_data``) or ``"eval_fn"``.
-        json_file: per-layer levels in the seed format, fixed; the others are allocated.
+        json_file: per-layer levels in the seed format, fixed; the others are allocated:
+            a JSON file's path or the mapping itself, ``{"layer.fqn": 0.5 | 0.75 | "dense"}``.
         exclude: layer names or globs kept dense.
         fmt: ``"comp"`` (structured, 1:4 / 2:4) or ``"ucomp"`` (unstructured).
         pairing, refresh_every: options of the compressed layers.
@@ -70,13 +75,18 @@ def compress(model: nn.Module, example_inputs: Any, compression: float = 0.66,
             None, does it whenever ``calib_data`` is given. MobileNetV2, all layers 2:4,
             256 crops: top-1 agreement with the dense model 25% -> 66%
             (``python tools/bench_quality.py --targets 0.5``).
+        progress: called as ``progress(stage, done, total)`` as the stages run: ``"trace"``,
+            ``"analyze"``, ``"allocate"``, ``"rewrite"`` (0 of 1 when a stage starts, 1 of 1
+            when it ends), then, with a refit, ``"refit: statistics"`` (forwards of the
+            calibration data) and ``"refit: layers"`` (layers refit).
 
     Returns:
         ``CompressResult(model, report)``; ``model`` is the traced deep copy with compressed
         layers swapped in, ready to fine-tune.
 
     Raises:
-        TraceError, ConfigError, FormatError: from the passes (see each).
+        TraceError, ConfigError, FormatError: from the passes (see each); ConfigError for
+            a model on the meta device, before any work.
     """
     if reconstruct is not None and not isinstance(reconstruct, bool):
         raise ConfigError(f"reconstruct must be True, False or None (refit when calib_data is "
@@ -85,29 +95,58 @@ def compress(model: nn.Module, example_inputs: Any, compression: float = 0.66,
         reconstruct = calib_data is not None
     if reconstruct and calib_data is None:
         raise ConfigError("reconstruct=True needs calib_data (a few unlabeled input batches)")
-    gm = trace(model, example_inputs, leaf_modules=leaf_modules)
-    table = AnalyzeLayers(exclude=exclude)(gm).details
-    alloc = Allocate(compression, budget=budget, sensitivity=sensitivity, json_file=json_file,
-                     calib_data=calib_data, eval_fn=eval_fn, fmt=fmt,
-                     allow_dense=allow_dense)(gm).details
+    if progress is not None and not callable(progress):
+        raise ConfigError(f"progress must be a callable (stage, done, total) or None, got "
+                          f"{type(progress).__name__}")
+    if isinstance(model, nn.Module):          # trace() names anything else
+        require_real_tensors(model, "compress")
+    step = _stage(progress)
+    with step("trace"):
+        gm = trace(model, example_inputs, leaf_modules=leaf_modules)
+    with step("analyze"):
+        table = AnalyzeLayers(exclude=exclude)(gm).details
+    with step("allocate"):
+        alloc = Allocate(compression, budget=budget, sensitivity=sensitivity, json_file=json_file,
+                         calib_data=calib_data, eval_fn=eval_fn, fmt=fmt,
+                         allow_dense=allow_dense)(gm).details
     if fmt == "comp":
         plan: dict[str, Any] = dict(alloc.repeats)
     else:
         plan = {name: ("ucomp", c) for name, c in alloc.compressions.items()}
-    records = Rewrite(plan, pairing=pairing, refresh_every=refresh_every)(gm).details
+    with step("rewrite"):
+        records = Rewrite(plan, pairing=pairing, refresh_every=refresh_every)(gm).details
     refit = None
     if reconstruct and records:
-        refit = Reconstruct(model, calib_data)(gm).details
+        phases = {"statistics": "refit: statistics", "solve": "refit: layers"}
+        report_refit = None if progress is None else (
+            lambda phase, done, total: progress(phases.get(phase, f"refit: {phase}"), done, total))
+        refit = Reconstruct(model, calib_data, progress=report_refit)(gm).details
     compressed = gm.meta[ROOT_KEY]
     report = build_report(table, alloc, records, compressed)
     if refit is not None:
+        n = max(1, len(refit.layers))
         report["reconstruct"] = {
             "layers": len(refit.layers), "forwards": refit.forwards,
+            "mean_output_error": [sum(r.error_before for r in refit.layers) / n,
+                                  sum(r.error_after for r in refit.layers) / n],
             "output_error": {r.name: [r.error_before, r.error_after] for r in refit.layers}}
     logger.info("compress: %d layer(s) compressed; hardware MACs %s -> %s",
                 len(records), f"{report['totals']['macs_before']:,}",
                 f"{report['totals']['macs_after']:,}")
     return CompressResult(compressed, report)
+
+
+def _stage(progress: Callable[[str, int, int], None] | None):
+    """``with step(name):`` reports ``(name, 0, 1)`` before the block and ``(name, 1, 1)``
+    after it (not when it raises)."""
+    @contextlib.contextmanager
+    def step(name: str) -> Iterator[None]:
+        if progress is not None:
+            progress(name, 0, 1)
+        yield
+        if progress is not None:
+            progress(name, 1, 1)
+    return step
 
 
 def build_report(table: LayerTable, alloc: Allocation, records: dict[str, LayerRewrite],

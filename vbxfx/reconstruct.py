@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,7 +218,8 @@ def _positive_int(name: str, value: Any) -> int:
 
 def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *, iters: int = 30,
                 damp: float = 0.01, max_rows: int = 4096, max_stats_bytes: int = 2 ** 30,
-                layers: Iterable[str] | None = None, seed: int = 0) -> ReconstructResult:
+                layers: Iterable[str] | None = None, seed: int = 0,
+                progress: Callable[[str, int, int], None] | None = None) -> ReconstructResult:
     """Refit the compressed layers of ``model`` (in place) to the outputs of ``reference``.
 
     Args:
@@ -231,6 +232,9 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *, iter
         max_rows: input rows (convolution patches) sampled per layer and batch.
         max_stats_bytes: memory for Gram matrices per forward; more layers take more forwards.
         layers: only these compressed layers (default: all).
+        progress: called as ``progress(phase, done, total)``: phase ``"statistics"`` over the
+            forwards that gather the input statistics, then ``"solve"`` over the layers
+            (``done`` 0 when a phase starts).
 
     Raises:
         ConfigError: no compressed layer, bad options, a layer missing in ``reference`` or of
@@ -277,11 +281,16 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *, iter
     gen = torch.Generator().manual_seed(seed)
     stats: dict[str, _Stats] = {}
     forwards = 0
-    for group in _groups(names, modules, max_stats_bytes):  # gather first: errors change nothing
+    report = progress or (lambda phase, done, total: None)
+    groups = _groups(names, modules, max_stats_bytes)
+    report("statistics", 0, len(groups))
+    for group in groups:  # gather first: errors change nothing
         stats.update(_gather(reference, ref_modules, group, batches, max_rows, gen))
         forwards += 1
+        report("statistics", forwards, len(groups))
     result = ReconstructResult(forwards=forwards)
-    for n in names:
+    for k, n in enumerate(names):
+        report("solve", k, len(names))
         st = stats.pop(n)
         if st.n == 0:
             logger.info("reconstruct: %s did not run on the calibration data", n)
@@ -289,6 +298,7 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *, iter
         w, bias, before, after = _solve(modules[n], dense_w[n], dense_b[n], st, iters, damp)
         added = _apply(modules[n], w, bias) if w is not None else False
         result.layers.append(LayerRefit(n, before, after, added))
+    report("solve", len(names), len(names))
     logger.info("%s", result.summary())
     return result
 

@@ -71,23 +71,27 @@ def plot_allocation(report: dict[str, Any], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     rows = report["layers"]
     colors = {"1:4 (R1)": "#d62728", "2:4 (R2)": "#1f77b4", "dense": "#7f7f7f"}
     fig, ax = plt.subplots(figsize=(max(8, 0.18 * len(rows)), 4.5))
     xs = range(len(rows))
-    ax.bar(xs, [r["macs_before"] / 1e6 for r in rows], color="#dddddd", label="before")
+    before = "#dddddd"
+    ax.bar(xs, [r["macs_before"] / 1e6 for r in rows], color=before)
     levels = [_level(r) if r.get("eligible", True) else "dense" for r in rows]
     ax.bar(xs, [r["macs_after"] / 1e6 for r in rows],
-           color=[colors.get(lv, "#2ca02c") for lv in levels], label="after")
-    for lv, c in colors.items():
-        ax.bar([], [], color=c, label=lv)
+           color=[colors.get(lv, "#2ca02c") for lv in levels])
+    # proxy artists: a legend entry of a multi-coloured bar container takes its first colour
+    shown = [lv for lv in colors if lv in levels] + sorted(set(levels) - set(colors))
+    handles = [Patch(facecolor=before, label="before (dense)")]
+    handles += [Patch(facecolor=colors.get(lv, "#2ca02c"), label=f"after: {lv}") for lv in shown]
     ax.set_xticks(list(xs))
     ax.set_xticklabels([r["name"] for r in rows], rotation=90, fontsize=6)
     ax.set_ylabel("hardware MMACs")
     t = report["totals"]
     ax.set_title(f"vbxfx allocation: {human(t['macs_before'])} -> {human(t['macs_after'])} MACs")
-    ax.legend(fontsize=8)
+    ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -42,8 +42,9 @@ from torch import nn
 from vbxfx.errors import ConfigError, FormatError
 from vbxfx.format import hardware_macs
 from vbxfx.layers import LINEAR_NOTE, LayerInfo, LayerTable, module_kind
+from vbxfx.model_state import require_real_tensors
 from vbxfx.modules import DEFAULT_REFRESH_EVERY
-from vbxfx.overrides import merged_overrides
+from vbxfx.overrides import describe, merged_overrides
 from vbxfx.passes.allocate import allocate
 from vbxfx.passes.rewrite import normalize_plan, rewrite_modules
 
@@ -100,6 +101,7 @@ def layer_table_of(model: nn.Module) -> LayerTable:
 def _eligible(model: nn.Module, what: str) -> LayerTable:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{what} takes an nn.Module, got {type(model).__name__}")
+    require_real_tensors(model, what)
     table = layer_table_of(model)
     if not table.eligible():
         found = ", ".join(f"{l.name or '(root)'}: {l.reason}" for l in table) or "none"
@@ -137,7 +139,8 @@ def compress_vbx3(model: nn.Module, compression: float,
         model: the model; its eligible layers are swapped for compressed ones.
         compression: fraction of the eligible layers' weights removed, in [0.5, 0.75].
         json_file: per-layer levels in the seed format ``{"layer.fqn": 0.5 | 0.66 | 0.75 |
-            "dense"}`` (see :mod:`vbxfx.overrides`: 0.66 goes to the nearest level, 1:4);
+            "dense"}``, a JSON file's path or the mapping itself (see
+            :mod:`vbxfx.overrides`: 0.66 goes to the nearest level, 1:4);
             the other layers make up the difference to ``compression``. When the file
             sets every eligible layer, ``compression`` is only range-checked.
         pairing, refresh_every: options of the compressed layers (see vbxfx.modules).
@@ -157,8 +160,8 @@ def compress_vbx3(model: nn.Module, compression: float,
     fixed = merged_overrides(table, json_file) if json_file is not None else {}
     if fixed and set(fixed) == {layer.name for layer in table.eligible()}:
         # the file sets every layer: nothing is left to allocate, compression is moot
-        logger.info("compress_vbx3: json_file %r sets every layer; compression=%g is not "
-                    "used", os.fspath(json_file), c)
+        logger.info("compress_vbx3: %s sets every layer; compression=%g is not "
+                    "used", describe(json_file), c)
         repeats = dict(fixed)
     else:
         repeats = allocate(table, c, budget="params", sensitivity="weight",

@@ -117,15 +117,28 @@ def run_onnx(session, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 
 def run_torch(model: torch.nn.Module, arrays: tuple) -> list[np.ndarray]:
-    """The model's tensor outputs, flattened in pytree order (as the exporters flatten them)."""
+    """The model's tensor outputs, flattened in pytree order (as the exporters flatten them).
+    Floating inputs are cast to the model's dtype (the file is float32 for every model)."""
     from torch.utils._pytree import tree_flatten
 
+    from vbxfx.model_state import float_dtype
     from vbxfx.trace import preserved_state
 
+    dtype = float_dtype(model)
+    tensors = [torch.from_numpy(np.array(a)) for a in arrays]
+    tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
     with preserved_state(model), torch.no_grad():
-        out = model(*(torch.from_numpy(np.array(a)) for a in arrays))
+        out = model(*tensors)
     leaves, _ = tree_flatten(out)
-    return [t.detach().cpu().numpy() for t in leaves if isinstance(t, torch.Tensor)]
+    return [(t.float() if t.dtype == torch.bfloat16 else t).detach().cpu().numpy()
+            for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _rounded(feed: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, np.ndarray]:
+    """Floating inputs rounded to ``dtype`` (a float16 / bfloat16 torch model): onnxruntime
+    then sees the values the torch model sees."""
+    return {k: (torch.from_numpy(v).to(dtype).to(torch.float32).numpy().astype(v.dtype)
+                if np.issubdtype(v.dtype, np.floating) else v) for k, v in feed.items()}
 
 
 def compare(path: str, torch_model: torch.nn.Module | None, sets: list[tuple[str, tuple]],
@@ -149,6 +162,11 @@ def compare(path: str, torch_model: torch.nn.Module | None, sets: list[tuple[str
     example_set = next((arrays for label, arrays in sets if label == "example_inputs"), None)
     feeds += [(label, _validate(label, arrays, specs))
               for label, arrays in _random_sets(specs, example_set, n_random, seed)]
+    if torch_model is not None:
+        from vbxfx.model_state import float_dtype
+        dtype = float_dtype(torch_model)
+        if torch.finfo(dtype).eps > torch.finfo(torch.float32).eps:
+            feeds = [(label, _rounded(feed, dtype)) for label, feed in feeds]
     names = [o.name for o in session.get_outputs()]
     for label, feed in feeds:
         try:

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -123,6 +124,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                           "caller's model itself") from e
     work, notes = _finalize(work, annotations)
     _check_layers(work, notes)
+    work, inputs = _as_float32(work, inputs)
     use_dynamo = choose_exporter(work) if dynamo is None else dynamo
     # a private scratch folder beside the output (one file system, so the final rename is
     # atomic): the exporters may write side files next to their output (the dynamo exporter
@@ -192,15 +194,43 @@ def _check_args(model: Any, example_inputs: Any, path: Any, opset: Any, dynamo: 
                           f"torch.randn(1, 3, 224, 224); got {type(example_inputs).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise ConfigError(f"path must be a file name, got {type(path).__name__}")
-    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
-    if not os.path.isdir(directory):
-        raise ExportError(f"cannot write {os.fspath(path)!r}: directory {directory!r} does not "
-                          "exist")
+    _check_output_path(os.fspath(path))
+    from vbxfx.model_state import require_real_tensors
+    require_real_tensors(model, "export_onnx")
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
         raise ConfigError(f"opset must be an int >= 7 or None, got {opset!r}")
     if dynamo is not None and not isinstance(dynamo, bool):
         raise ConfigError(f"dynamo must be True, False or None (choose), got {dynamo!r}")
     return tuple(example_inputs)
+
+
+def _check_output_path(path: str) -> None:
+    """Fail now, before the export's work, when ``path`` cannot be written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ExportError(f"cannot write {path!r}: it is a directory; give a file name, e.g. "
+                          f"{os.path.join(path, 'model.onnx')!r}")
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise ExportError(f"cannot write {path!r}: {directory!r} {what}")
+    try:                                   # what the export does there: a scratch folder
+        os.rmdir(tempfile.mkdtemp(prefix=".vbxfx-probe-", dir=directory))
+    except OSError as e:
+        raise ExportError(f"cannot write {path!r}: directory {directory!r} is not writable "
+                          f"({e.strerror or type(e).__name__})") from e
+
+
+def _as_float32(work: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple]:
+    """The model and inputs in float32: onnxruntime has no float64 Conv on CPU, and the
+    VectorBlox toolchain (onnx2tf, int8 TFLite) starts from a float32 file."""
+    dtypes = {t.dtype for t in (*work.parameters(), *work.buffers(), *inputs)
+              if t.is_floating_point() and t.dtype != torch.float32}
+    if not dtypes:
+        return work, inputs
+    names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+    logger.warning("export_onnx: the model (or its example inputs) is %s; the ONNX file is "
+                   "float32, as onnxruntime and the VectorBlox toolchain take it", names)
+    return work.float(), tuple(t.float() if t.is_floating_point() else t for t in inputs)
 
 
 def _finalize(work: nn.Module, annotations: Mapping[str, Any] | None
@@ -247,16 +277,56 @@ def _check_layers(work: nn.Module, notes: Mapping[str, LayerAnnotation]) -> None
                               f"for {tuple(ann.encoding.mask.shape)}")
 
 
+def _flush_native() -> None:
+    """Flush Python's and C's stdio buffers (C++ ``std::cout`` writes through C's)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(Exception):
+        import ctypes
+        ctypes.CDLL(None).fflush(None)
+
+
+@contextlib.contextmanager
+def _fd_captured() -> Any:
+    """Send file descriptor 1 to a temporary file while the block runs (the TorchScript
+    exporter prints its graph from C++ on failure, past ``sys.stdout``); yields a callable
+    returning what was written. stderr stays: progress lines keep drawing there."""
+    saved: list[tuple[int, int]] = []
+
+    def written() -> str:
+        _flush_native()
+        sink.seek(0)
+        return sink.read().decode(errors="replace")
+
+    with tempfile.TemporaryFile() as sink:
+        _flush_native()
+        for fd in (1,):
+            try:
+                saved.append((fd, os.dup(fd)))
+                os.dup2(sink.fileno(), fd)
+            except OSError:                     # no such descriptor (an embedded interpreter)
+                pass
+        try:
+            yield written
+        finally:
+            _flush_native()
+            for fd, dup in reversed(saved):
+                os.dup2(dup, fd)
+                os.close(dup)
+
+
 @contextlib.contextmanager
 def _quiet():
-    """The exporters print progress and warn freely; keep it in the debug log."""
+    """The exporters print progress and warn freely, in Python and from C++; keep it in the
+    debug log (so ``--json`` output stays JSON)."""
     out, err = io.StringIO(), io.StringIO()
     chatty = [logging.getLogger(n) for n in (
         "onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export",
         "torch.fx.experimental.symbolic_shapes")]
     levels = [lg.level for lg in chatty]
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
-            contextlib.redirect_stderr(err):
+    with warnings.catch_warnings(record=True) as caught, _fd_captured() as native, \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         warnings.simplefilter("always")
         for lg in chatty:
             lg.setLevel(logging.WARNING)
@@ -267,7 +337,7 @@ def _quiet():
                 lg.setLevel(level)
             for w in caught:
                 logger.debug("exporter warning: %s", w.message)
-            text = (out.getvalue() + err.getvalue()).strip()
+            text = (out.getvalue() + err.getvalue() + native()).strip()
             if text:
                 logger.debug("exporter output:\n%s", text)
 
