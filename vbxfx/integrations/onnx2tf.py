@@ -37,8 +37,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from vbxfx.errors import CheckError, ExportError
 
 __all__ = ["convert_to_tflite", "find_onnx2tf", "converter_versions", "TfliteExport",
@@ -157,8 +155,9 @@ def _image_input(proto, where: str) -> tuple[str, tuple[int, int, int, int]]:
     return inputs[0].name, (1,) + shape[1:]
 
 
-def _calibration(calib: Any, shape: tuple[int, ...], normalize: str) -> tuple[np.ndarray, Any, str]:
+def _calibration(calib: Any, shape: tuple[int, ...], normalize: str) -> tuple[Any, Any, str]:
     """``(NHWC float32 data, (mean, std) or None, description)`` for onnx2tf's -cind."""
+    import numpy as np
     import torch
 
     from vbxfx.calib import load_calibration, natural_image_crops
@@ -281,6 +280,8 @@ def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *
         ExportError: the ONNX or the options cannot be used, onnx2tf is missing or fails,
             or ``output`` exists and ``force`` is not set. Nothing is written then.
     """
+    import numpy as np
+
     from vbxfx.check_tflite import check_tflite
     from vbxfx.export.reader import load_onnx, read_annotations
 
