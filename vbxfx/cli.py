@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 from vbxfx.console import Console, TqdmHandler
 
@@ -325,15 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
+@contextlib.contextmanager
+def _logging(args: argparse.Namespace) -> Iterator[None]:
+    """Log records through tqdm for the command's duration; the root logger's level and
+    handlers are put back afterwards (main() may be called from Python, e.g. in tests)."""
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     handler = TqdmHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, TqdmHandler)]:
-        root.removeHandler(old)
+    before = root.level
     root.addHandler(handler)
     root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(before)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,7 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
-    _setup_logging(args)
+    with _logging(args):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     json_mode = bool(getattr(args, "json", False))
     con = Console(quiet=args.quiet, json_mode=json_mode)
     from vbxfx.errors import VbxError
