@@ -269,3 +269,26 @@ def test_bench_yolo_prints_its_table(yolo_env, capsys):
     assert "median epoch time" in text and "best.pt size" in text
     assert out["compressed"]["size"] > 0 and out["compressed"]["setup"] > 0
     assert out["dense"]["setup"] == 0.0
+
+
+@pytest.mark.slow
+def test_vbxfx_yolo_train_on_the_command_line(yolo_env):
+    import os
+    import subprocess
+
+    root, data = yolo_env
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / "vbxfx")] if (bin_dir / "vbxfx").exists() else [sys.executable, "-m",
+                                                                           "vbxfx"]
+    proc = subprocess.run(cmd + ["yolo", "train", "model=yolov8n.yaml", f"data={data}",
+                                 "epochs=1", "imgsz=64", "batch=8", "workers=0", "plots=False",
+                                 "device=cpu", f"project={root / 'runs'}", "name=cli",
+                                 "exist_ok=True", "compression=0.5"],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "YOLO_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "layers compressed" in proc.stderr
+    best = _checkpoint_model(root / "runs" / "cli" / "weights" / "best.pt")
+    assert {l.repeat for l in _layers(best).values()} == {2}          # 0.5: every layer 2:4
+    bad = subprocess.run(cmd + ["yolo", "train", "data=d.yaml"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "model=" in bad.stderr

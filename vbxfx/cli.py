@@ -214,6 +214,12 @@ def cmd_check(args: argparse.Namespace, con: Console) -> int:
     return run_check_command(args)
 
 
+def cmd_yolo(args: argparse.Namespace, con: Console) -> int:
+    from vbxfx.integrations.ultralytics import main as yolo_main
+
+    return yolo_main(args.args)
+
+
 def cmd_demo(args: argparse.Namespace, con: Console) -> int:
     _writable(args.output, "-o")
     import torch
@@ -322,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="keep the ONNX file here (default: a temporary folder)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("yolo", help="train a YOLO model compressed inside the ultralytics trainer: "
+                       "vbxfx yolo train model=yolov8n.pt data=D.yaml compression=0.66 ...")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="train KEY=VALUE ...",
+                   help="yolo train's arguments, plus compression, budget, fmt, json_file, "
+                        "exclude (comma-separated) and include_frozen")
+    p.set_defaults(func=cmd_yolo)
     return parser
 
 

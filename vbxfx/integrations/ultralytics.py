@@ -29,8 +29,9 @@ a few methods added) that compresses at the right moment:
 
 From the command line (the ``yolo`` command takes no trainer class)::
 
-    python -m vbxfx.integrations.ultralytics train model=yolov8n.pt data=coco8.yaml \\
-        epochs=100 compression=0.66
+    vbxfx yolo train model=yolov8n.pt data=coco8.yaml epochs=100 compression=0.66
+
+(or ``python -m vbxfx.integrations.ultralytics train ...``)
 
 takes the ``yolo train`` arguments plus ``compression``, ``budget``, ``fmt``, ``json_file``,
 ``exclude`` (comma-separated globs) and ``include_frozen``.
@@ -329,8 +330,8 @@ def _parse(argv: Iterable[str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
     argv = list(argv)
     if not argv or argv[0] != "train":
-        raise ConfigError("usage: python -m vbxfx.integrations.ultralytics train model=M "
-                          "data=D [yolo train arguments] compression=0.66")
+        raise ConfigError("usage: vbxfx yolo train model=M data=D [yolo train arguments] "
+                          "compression=0.66")
     yolo, ours = {}, {}
     for item in argv[1:]:
         key, sep, value = item.partition("=")
@@ -356,13 +357,20 @@ def main(argv: Iterable[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vbxfx: error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from ultralytics import YOLO
-
     if not os.path.exists(model) and not model.endswith((".yaml", ".yml")):
         print(f"vbxfx: error: no model file {model!r}", file=sys.stderr)
         return 2
-    YOLO(model).train(trainer=trainer, **yolo_args)
+    if not logging.getLogger().handlers:              # run as python -m: say what happens
+        logging.basicConfig(format="%(message)s")
+    ours = logging.getLogger("vbxfx")
+    before = ours.level
+    ours.setLevel(min(ours.getEffectiveLevel(), logging.INFO))   # the compression summary
+    try:
+        from ultralytics import YOLO
+
+        YOLO(model).train(trainer=trainer, **yolo_args)
+    finally:
+        ours.setLevel(before)
     return 0
 
 
