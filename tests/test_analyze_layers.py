@@ -156,10 +156,11 @@ def test_functional_calls_on_parameters_are_reported(frontend):
     conv, block, proj = table["conv"], table["block"], table["proj"]
     assert conv.eligible and conv.kind == "conv2d"
     assert block.kind == "functional_conv2d" and not block.eligible
-    assert block.reason == "functional F.conv2d call on a parameter: vbxfx rewrites modules only"
+    assert block.reason == ("functional F.conv2d call on parameter 'block.weight' of Module "
+                            "'block': vbxfx rewrites modules only")
     assert block.macs == 6 * 4 * 9 * 25 and block.weight_shape == (6, 4, 3, 3)
     assert proj.kind == "functional_linear" and not proj.eligible
-    assert proj.reason.startswith("functional F.linear call on a parameter")
+    assert proj.reason.startswith("functional F.linear call on parameter 'proj' of the root")
     assert proj.macs == 30
 
 
@@ -272,8 +273,13 @@ def test_leaf_module_hiding_layers_warns(caplog):
     gm = vbxfx.trace(model, torch.randn(1, 3, 4, 4), leaf_modules=(Block,))
     with caplog.at_level(logging.WARNING, logger="vbxfx.passes.analyze_layers"):
         table = AnalyzeLayers()(gm).details
-    assert table.names() == ["1"]
-    assert "0 (Block: 1)" in caplog.text
+    assert table.names() == ["1", "0.conv"]
+    inside = table["0.conv"]
+    assert not inside.eligible and inside.calls == 0 and inside.macs == 0
+    assert inside.reason == "runs inside the leaf module '0' (Block), which vbxfx does not trace into"
+    assert [(op.name, op.macs) for op in table.ops] == [("0", 3 * 3 * 16)]  # counted, dense
+    assert table.total_macs == 3 * 3 * 16 + 4 * 3 * 16
+    assert "run inside leaf modules" in caplog.text and "0.conv" in caplog.text
 
 
 def test_not_a_graph_module():
@@ -307,7 +313,11 @@ def test_layer_table_access_serialisation_and_text():
     rows = text[2:5]
     assert [row.split()[0] for row in rows] == ["dw", "gc", "pw"]
     assert len({row.index(" yes") if " yes" in row else row.index(" no:") for row in rows}) == 1
-    assert text[-1].startswith("3 layers, 1 eligible; MACs")
+    assert text[-3:] == [
+        "3 layers, 1 eligible",
+        f"standard MACs: {table.total_macs:,} (Conv/Linear layers {table.total_macs:,}, of which "
+        f"eligible {table.eligible_macs:,}; other ops 0)",
+        f"dense hardware MACs (R=4, input channels padded to 8): {table.hw_macs():,}"]
 
 
 def test_layer_info_cost():
