@@ -45,7 +45,7 @@ from torch import nn
 from vbxfx.errors import ConfigError
 from vbxfx.layer_records import (FUNCTIONS, arg, functional_kind, ineligible, layer_info,
                                  others_sharing, parameter_owners, resolve_module_path,
-                                 uncalled_info, write_tensor_meta)
+                                 uncalled_info, weight_owner, write_tensor_meta)
 from vbxfx.layers import OTHER_OPS_WARN_SHARE, LayerInfo, LayerTable, OpInfo, module_kind
 from vbxfx.meta import LAYER_KEY
 from vbxfx.op_macs import MacCounter
@@ -346,7 +346,8 @@ class _Recorder(torch.fx.Interpreter):
         w_node = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
         bias_numel = bias.numel() if isinstance(bias, torch.Tensor) else 0
         kind = functional_kind(family, transposed, weight.dim())
-        owner, param_fqn, why_not = self._weight_owner(n, w_node, family, transposed, weight)
+        owner, param_fqn, why_not = weight_owner(self.root, self._owners, n, w_node, family,
+                                                 transposed)
         if owner is not None:  # an export graph's view of an nn.Conv2d / nn.Linear call
             mod = self.root.get_submodule(owner)
             info = layer_info(name=owner, kind=module_kind(mod), node=n, weight=weight, x=x,
@@ -363,65 +364,3 @@ class _Recorder(torch.fx.Interpreter):
                               f"functional {spelling} call on {why_not}: vbxfx rewrites "
                               "modules only")
         self.calls.append((n, info, param_fqn))
-
-    def _weight_owner(self, n: torch.fx.Node, w_node: Any, family: str, transposed: bool,
-                      weight: torch.Tensor) -> tuple[str | None, str | None, str]:
-        """(owner module fqn or None, parameter fqn or None, what the weight is)."""
-        if not isinstance(w_node, torch.fx.Node) or w_node.op != "get_attr":
-            what = w_node.name if isinstance(w_node, torch.fx.Node) else repr(w_node)
-            return None, None, f"a weight computed in the graph (node {what})"
-        fqn = w_node.target
-        try:
-            param = self.root.get_parameter(fqn)
-        except AttributeError:
-            return None, fqn, f"the constant tensor {fqn!r}"
-        stack = n.meta.get("nn_module_stack")
-        caller = None
-        if stack:  # torch.export: the innermost module on the call stack
-            raw, caller = list(stack.values())[-1]
-            path = resolve_module_path(self.root, raw)
-            if path is None:  # a spelling the resolver does not know: trust the owner's type
-                path = self._owner_by_type(param, str(caller))
-        elif fqn == "weight":  # symbolic_trace of a root that is itself a Conv/Linear
-            path = ""
-        else:  # symbolic_trace: module calls are call_module nodes
-            path = None
-        mod = None
-        if path is not None:
-            try:
-                mod = self.root.get_submodule(path)
-            except AttributeError:
-                mod = None
-        kind = module_kind(mod) if mod is not None else None
-        module_family = "linear" if kind == "linear" else "conv"
-        if (kind is not None and getattr(mod, "weight", None) is param
-                and module_family == family and (kind == "conv_transpose") == transposed):
-            return path, f"{path}.weight" if path else "weight", ""
-        return None, fqn, self._describe_param(fqn, n, path, caller)
-
-    def _owner_by_type(self, param: torch.Tensor, caller: str) -> str | None:
-        """The module holding ``param`` as its weight, when its class is ``caller``."""
-        for fqn in self._owners.get(id(param), []):
-            module, _, attr = fqn.rpartition(".")
-            mod = self.root.get_submodule(module)
-            if attr == "weight" and f"{type(mod).__module__}.{type(mod).__qualname__}" == caller:
-                return module
-        return None
-
-    def _describe_param(self, fqn: str, n: torch.fx.Node, path: str | None,
-                        caller: Any) -> str:
-        module, _, attr = fqn.rpartition(".")
-        try:
-            owner = self.root.get_submodule(module)
-        except AttributeError:
-            return "a parameter"
-        if module_kind(owner) is None or attr != "weight":
-            where = f"{type(owner).__name__} {module!r}" if module else "the root module"
-            return f"parameter {fqn!r} of {where}"
-        if path is not None and caller is not None:
-            name = caller.__name__ if isinstance(caller, type) else str(caller).rsplit(".", 1)[-1]
-            user = f"{name} {path!r}" if path else "the root"
-        else:
-            user = f"{getattr(n.target, '__name__', n.target)} at node {n.name}"
-        return (f"weight of {type(owner).__name__} {module!r} used directly by {user}: "
-                f"{UNUSED_FORWARD}")

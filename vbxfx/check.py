@@ -51,6 +51,7 @@ from vbxfx.errors import CheckError, VbxError
 from vbxfx.export.graph import OnnxGraph, attribute
 from vbxfx.export.reader import annotated_nodes, load_onnx
 from vbxfx.export.verify import dense_mults, verify_layer
+from vbxfx.export.macs import complete_shapes, model_macs
 from vbxfx.format.cost import hardware_macs
 
 __all__ = ["check_onnx", "CheckReport", "LayerRow", "OutputRow", "DEFAULT_RTOL", "DEFAULT_ATOL",
@@ -214,10 +215,11 @@ def check_onnx(path: str | os.PathLike, *, torch_model: torch.nn.Module | None =
         report.problems.append(f"onnx checker: {_one_line(e)}")
     nodes = annotated_nodes(proto, where)
     graph = OnnxGraph(proto)
-    _complete_shapes(graph)
+    complete_shapes(graph)
     _check_layers(graph, nodes, report)
-    report.model_macs, report.model_hw_macs_dense, report.model_hw_macs = _model_macs(
-        graph, nodes, report.layers)
+    report.model_macs, report.model_hw_macs_dense, report.model_hw_macs = model_macs(
+        graph, [(item.node, row.hw_macs, row.hw_macs_dense)
+                for item, row in zip(nodes, report.layers)])
     sets = _input_sets(inputs, example_inputs)
     from vbxfx.export.numerics import compare
     compare(where, torch_model, sets, example_inputs, n_random, seed, report)
@@ -260,44 +262,6 @@ def _check_layers(graph: OnnxGraph, nodes: list, report: CheckReport) -> None:
                                       verdict.compiler_repeat, shape, verdict.fits and group == 1,
                                       verdict.agrees, macs, hw, tuple(problems), dense,
                                       verdict.warnings))
-
-
-def _complete_shapes(graph: OnnxGraph) -> None:
-    """Shapes for every MAC node, by one onnxruntime run where shape inference stops."""
-    mac_nodes = [n for n in graph.graph.node
-                 if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
-    if any(graph.node_macs(n) is None for n in mac_nodes):
-        graph.complete_shapes([v for n in mac_nodes for v in (*n.input[:2], n.output[0])])
-
-
-def _model_macs(graph: OnnxGraph, nodes: list, rows: list[LayerRow]
-                ) -> tuple[int | None, int | None, int | None]:
-    """``(standard, dense hardware, hardware after)`` MACs per image of the whole graph; an
-    annotated layer (and every node fed by the same weight) at the repeat the compiler will
-    use, ucomp layers at their multiplies; ``(None, None, None)`` when a shape is unknown."""
-    per_position: dict[str, tuple[int, int]] = {}  # weight source -> (hw mults, dense mults)
-    for item, row in zip(nodes, rows):
-        ref = graph.weight(item.node)
-        positions = graph.output_positions(item.node)
-        if ref is None or not positions or row.hw_macs is None or row.hw_macs_dense is None:
-            continue  # not checkable: counted dense below
-        per_position[ref.source] = (row.hw_macs // positions, row.hw_macs_dense // positions)
-    std = dense_hw = after = 0
-    for node in graph.graph.node:
-        counted = graph.node_macs(node)
-        if counted is None:
-            if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-                return None, None, None
-            continue
-        ref = graph.weight(node)
-        std, dense_hw = std + counted[0], dense_hw + counted[1]
-        if ref is not None and ref.source in per_position:
-            mults, dense = per_position[ref.source]
-            after += counted[1] * mults // dense
-        else:
-            after += counted[1]
-    batch = graph.batch()
-    return std // batch, dense_hw // batch, after // batch
 
 
 def _input_sets(inputs: Any, example_inputs: Any) -> list[tuple[str, tuple]]:

@@ -28,8 +28,9 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from vbxfx.format.cost import REPEATS, hardware_macs
 from vbxfx.layers import LINEAR_NOTE, LayerInfo, module_kind
+from vbxfx.weight_use import UNUSED_FORWARD
 
-__all__ = ["FUNCTIONS", "arg", "functional_kind", "ineligible", "structural_reason", "layer_info",
+__all__ = ["FUNCTIONS", "weight_owner", "arg", "functional_kind", "ineligible", "structural_reason", "layer_info",
            "uncalled_info", "parameter_owners", "others_sharing", "write_tensor_meta",
            "resolve_module_path", "SymbolicShape"]
 
@@ -181,6 +182,72 @@ def uncalled_info(name: str, module: nn.Module, reason: str) -> LayerInfo:
         params=module.weight.numel() + (bias.numel() if isinstance(bias, torch.Tensor) else 0),
         eligible=False, reason=reason, note=LINEAR_NOTE if kind == "linear" else None,
         module_type=type(module).__name__, node_names=("",))
+
+
+def weight_owner(root: nn.Module, owners: dict[int, list[str]], n: torch.fx.Node, w_node: Any,
+                 family: str, transposed: bool) -> tuple[str | None, str | None, str]:
+    """For a functional conv/linear node: (the Conv/Linear module whose call it is, or None;
+    the parameter's fqn or None; what the weight is, for the reason). torch.export graphs
+    name the caller in ``nn_module_stack``; ``owners`` is :func:`parameter_owners`."""
+    if not isinstance(w_node, torch.fx.Node) or w_node.op != "get_attr":
+        what = w_node.name if isinstance(w_node, torch.fx.Node) else repr(w_node)
+        return None, None, f"a weight computed in the graph (node {what})"
+    fqn = w_node.target
+    try:
+        param = root.get_parameter(fqn)
+    except AttributeError:
+        return None, fqn, f"the constant tensor {fqn!r}"
+    stack = n.meta.get("nn_module_stack")
+    caller = None
+    if stack:  # torch.export: the innermost module on the call stack
+        raw, caller = list(stack.values())[-1]
+        path = resolve_module_path(root, raw)
+        if path is None:  # a spelling the resolver does not know: trust the owner's type
+            path = _owner_by_type(root, owners, param, str(caller))
+    elif fqn == "weight":  # symbolic_trace of a root that is itself a Conv/Linear
+        path = ""
+    else:  # symbolic_trace: module calls are call_module nodes
+        path = None
+    mod = None
+    if path is not None:
+        try:
+            mod = root.get_submodule(path)
+        except AttributeError:
+            mod = None
+    kind = module_kind(mod) if mod is not None else None
+    module_family = "linear" if kind == "linear" else "conv"
+    if (kind is not None and getattr(mod, "weight", None) is param
+            and module_family == family and (kind == "conv_transpose") == transposed):
+        return path, f"{path}.weight" if path else "weight", ""
+    return None, fqn, _describe_param(root, fqn, n, path, caller)
+
+def _owner_by_type(root: nn.Module, owners: dict[int, list[str]], param: torch.Tensor,
+                   caller: str) -> str | None:
+    """The module holding ``param`` as its weight, when its class is ``caller``."""
+    for fqn in owners.get(id(param), []):
+        module, _, attr = fqn.rpartition(".")
+        mod = root.get_submodule(module)
+        if attr == "weight" and f"{type(mod).__module__}.{type(mod).__qualname__}" == caller:
+            return module
+    return None
+
+def _describe_param(root: nn.Module, fqn: str, n: torch.fx.Node, path: str | None,
+                    caller: Any) -> str:
+    module, _, attr = fqn.rpartition(".")
+    try:
+        owner = root.get_submodule(module)
+    except AttributeError:
+        return "a parameter"
+    if module_kind(owner) is None or attr != "weight":
+        where = f"{type(owner).__name__} {module!r}" if module else "the root module"
+        return f"parameter {fqn!r} of {where}"
+    if path is not None and caller is not None:
+        name = caller.__name__ if isinstance(caller, type) else str(caller).rsplit(".", 1)[-1]
+        user = f"{name} {path!r}" if path else "the root"
+    else:
+        user = f"{getattr(n.target, '__name__', n.target)} at node {n.name}"
+    return (f"weight of {type(owner).__name__} {module!r} used directly by {user}: "
+            f"{UNUSED_FORWARD}")
 
 
 def parameter_owners(root: nn.Module) -> dict[int, list[str]]:

@@ -1,0 +1,58 @@
+"""Whole-model MAC totals of an ONNX file, counted as ``vbxfx compress`` counts them.
+
+``model_macs`` gives the standard MACs of every Conv / ConvTranspose / Gemm / MatMul (attention
+matmuls with two computed inputs too), the dense hardware MACs (R=4, input channels padded to
+8 where the hardware reads blocks of 8: Conv with ``group == 1``, and Gemm / MatMul with a
+constant weight), and the hardware MACs with each annotated layer at the multiplies the
+compiler will use (``hw`` of its :class:`vbxfx.check.LayerRow`); every node fed by the same
+weight as an annotated node (a Linear called several times) counts at that rate too. All per
+image (the first graph input's batch dim divides them).
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from vbxfx.export.graph import OnnxGraph
+
+__all__ = ["complete_shapes", "model_macs", "MAC_OPS"]
+
+#: The ONNX ops whose multiplies are counted.
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def complete_shapes(graph: OnnxGraph) -> None:
+    """Shapes for every MAC node, by one onnxruntime run where shape inference stops."""
+    mac_nodes = [n for n in graph.graph.node if n.op_type in MAC_OPS]
+    if any(graph.node_macs(n) is None for n in mac_nodes):
+        graph.complete_shapes([v for n in mac_nodes for v in (*n.input[:2], n.output[0])])
+
+
+def model_macs(graph: OnnxGraph, annotated: list[tuple[onnx.NodeProto, int | None, int | None]]
+               ) -> tuple[int | None, int | None, int | None]:
+    """``(standard, dense hardware, hardware after)`` MACs per image of the whole graph; an
+    annotated layer (and every node fed by the same weight) at the repeat the compiler will
+    use, ucomp layers at their multiplies; ``(None, None, None)`` when a shape is unknown."""
+    per_position: dict[str, tuple[int, int]] = {}  # weight source -> (hw mults, dense mults)
+    for node, hw, dense in annotated:
+        ref = graph.weight(node)
+        positions = graph.output_positions(node)
+        if ref is None or not positions or hw is None or dense is None:
+            continue  # not checkable: counted dense below
+        per_position[ref.source] = (hw // positions, dense // positions)
+    std = dense_hw = after = 0
+    for node in graph.graph.node:
+        counted = graph.node_macs(node)
+        if counted is None:
+            if node.op_type in MAC_OPS:
+                return None, None, None
+            continue
+        ref = graph.weight(node)
+        std, dense_hw = std + counted[0], dense_hw + counted[1]
+        if ref is not None and ref.source in per_position:
+            mults, dense = per_position[ref.source]
+            after += counted[1] * mults // dense
+        else:
+            after += counted[1]
+    batch = graph.batch()
+    return std // batch, dense_hw // batch, after // batch
