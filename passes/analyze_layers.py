@@ -137,10 +137,10 @@ class AnalyzeLayers(GraphPass):
                                                                  else ""))
         if table.other_share >= OTHER_OPS_WARN_SHARE:
             logger.warning(
-                "%.1f%% of the dense hardware MACs (%s of %s) are in %d op(s) that are not "
-                "Conv/Linear layers (attention matmuls, ...): they stay dense and compression "
-                "cannot remove them; every total includes them", 100 * table.other_share,
-                f"{table.other_macs:,}", f"{table.hw_macs():,}", len(table.ops))
+                "%.1f%% of the dense hardware MACs are in multiply-heavy ops that are not "
+                "Conv2d/Linear layer calls (attention matmuls, functional calls, ...): they "
+                "stay dense and compression cannot remove them; every total includes them",
+                100 * table.other_share)
         logger.info("AnalyzeLayers: %d layers, %d eligible, %s standard MACs (%s in other ops)",
                     len(table), len(table.eligible()), f"{table.total_macs:,}",
                     f"{table.other_macs:,}")
@@ -257,6 +257,7 @@ class _Recorder(torch.fx.Interpreter):
         self.leaves: list[str] = []
         self.direct: dict[str, str] = {}
         self._owners = parameter_owners(root)
+        self._dynamic: set[torch.fx.Node] = set()  # nodes that depend on the inputs
 
     def run_node(self, n: torch.fx.Node) -> Any:
         n.meta.pop(LAYER_KEY, None)
@@ -271,8 +272,10 @@ class _Recorder(torch.fx.Interpreter):
             self._module_call(n, args, result)
         elif n.op == "call_function" and n.target in FUNCTIONS:
             self._function_call(n, args, kwargs, result)
+        if n.op == "placeholder" or any(a in self._dynamic for a in n.all_input_nodes):
+            self._dynamic.add(n)
         if len(self.calls) == calls:
-            if counter.macs:
+            if counter.macs and n in self._dynamic:  # constants are folded at export
                 self._other_op(n, counter)
             self._direct_reads(n)
         return result

@@ -47,7 +47,7 @@ from vbxfx.errors import ConfigError
 from vbxfx.format.cost import REPEATS, check_repeat
 
 __all__ = ["LayerInfo", "LayerTable", "OpInfo", "KINDS", "LINEAR_NOTE", "LAYER_TYPES",
-           "module_kind", "OTHER_OPS_WARN_SHARE"]
+           "module_kind", "OTHER_OPS_WARN_SHARE", "NOT_MODULE_KINDS"]
 
 #: The ``kind`` values a LayerInfo can have.
 KINDS = ("conv2d", "linear", "conv1d", "conv3d", "conv_transpose", "functional_conv2d",
@@ -180,6 +180,9 @@ class LayerInfo:
 
 #: Share of the dense hardware MACs in other (uncompressible) ops above which reports warn.
 OTHER_OPS_WARN_SHARE = 0.1
+#: Layer kinds that are no Conv2d/Linear module call: vbxfx can never compress them.
+NOT_MODULE_KINDS = ("functional_conv2d", "functional_linear", "conv1d", "conv3d",
+                    "conv_transpose")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,9 +285,13 @@ class LayerTable:
 
     @property
     def other_share(self) -> float:
-        """Share of the dense hardware MACs spent in :attr:`ops`, which stay dense."""
+        """Share of the dense hardware MACs in multiply-heavy ops that are not Conv2d/Linear
+        module calls (:attr:`ops`, functional conv/linear calls, Conv1d/3d, transposed
+        convolutions): they stay dense whatever the compression."""
         dense = self.hw_macs()
-        return self.other_macs / dense if dense else 0.0
+        other = self.other_macs + sum(layer.cost(4) for layer in self
+                                      if layer.kind in NOT_MODULE_KINDS)
+        return other / dense if dense else 0.0
 
     @property
     def eligible_macs(self) -> int:
@@ -385,7 +392,8 @@ class LayerTable:
         ]
         if self.other_share >= OTHER_OPS_WARN_SHARE:
             lines.append(f"warning: {self.other_share:.1%} of the dense hardware MACs are in "
-                         "ops vbxfx cannot compress (listed above); they stay dense")
+                         "ops that are not Conv2d/Linear layer calls (other ops, functional "
+                         "calls, Conv1d/3d, transposed convs): they stay dense")
         return lines
 
     def _unknown(self, name: object) -> str:

@@ -166,11 +166,12 @@ def build_report(table: LayerTable, alloc: Allocation, records: dict[str, LayerR
                          for n, r in records.items())
     achieved = removed if alloc.budget == "macs" else (params_removed / params if params else 0.0)
     warnings = []
-    share = other / before if before else 0.0
+    share = table.other_share
     if share >= OTHER_OPS_WARN_SHARE:
-        warnings.append(f"{share:.1%} of the dense hardware MACs are in {len(table.ops)} "
-                        "multiply-heavy op(s) that are not Conv/Linear layers (attention "
-                        "matmuls, ...): they stay dense; the totals include them")
+        warnings.append(f"{share:.1%} of the dense hardware MACs are in multiply-heavy ops "
+                        "that are not Conv2d/Linear layer calls (attention matmuls, functional "
+                        "F.linear / F.conv2d, Conv1d/3d, transposed convs): they stay dense; "
+                        "the totals include them")
     unused = [l.name for l in table if l.calls == 0]
     if unused:
         warnings.append(f"{len(unused)} Conv/Linear layer(s) the traced forward does not call "

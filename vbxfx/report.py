@@ -74,8 +74,8 @@ def totals_lines(report: dict[str, Any]) -> list[str]:
         out.append(f"multiplies: {human(t['macs_before'])} dense -> {human(t['macs_after'])} "
                    f"after int8 (pairs once): {100 * removed:.1f}% removed ({ratio:.2f}x fewer)")
     if t.get("other_macs"):
-        out.append(f"  of which {human(t['other_macs'])} ({100 * t.get('other_share', 0):.1f}%) "
-                   "in other multiply-heavy ops (attention matmuls, ...), dense before and after")
+        out.append(f"  of which {human(t['other_macs'])} in other multiply-heavy ops (attention "
+                   "matmuls, ...), dense before and after")
     target = report.get("target")
     if target is not None:
         budget = report.get("budget")

@@ -5,15 +5,18 @@ matmuls with two computed inputs too), the dense hardware MACs (R=4, input chann
 8 where the hardware reads blocks of 8: Conv with ``group == 1``, and Gemm / MatMul with a
 constant weight), and the hardware MACs with each annotated layer at the multiplies the
 compiler will use (``hw`` of its :class:`vbxfx.check.LayerRow`); every node fed by the same
-weight as an annotated node (a Linear called several times) counts at that rate too. All per
-image (the first graph input's batch dim divides them).
+weight as an annotated node (a Linear called several times; the dynamo exporter may fold one
+transposed copy of it per call) counts at that rate too. All per image (the first graph
+input's batch dim divides them).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
-from vbxfx.export.graph import OnnxGraph
+from vbxfx.export.graph import OnnxGraph, WeightRef
+from vbxfx.export.mapping import proportional
 
 __all__ = ["complete_shapes", "model_macs", "MAC_OPS"]
 
@@ -34,12 +37,26 @@ def model_macs(graph: OnnxGraph, annotated: list[tuple[onnx.NodeProto, int | Non
     annotated layer (and every node fed by the same weight) at the repeat the compiler will
     use, ucomp layers at their multiplies; ``(None, None, None)`` when a shape is unknown."""
     per_position: dict[str, tuple[int, int]] = {}  # weight source -> (hw mults, dense mults)
+    by_shape: dict[tuple, list[tuple[np.ndarray, tuple[int, int]]]] = {}
     for node, hw, dense in annotated:
         ref = graph.weight(node)
         positions = graph.output_positions(node)
         if ref is None or not positions or hw is None or dense is None:
             continue  # not checkable: counted dense below
-        per_position[ref.source] = (hw // positions, dense // positions)
+        rate = (hw // positions, dense // positions)
+        per_position[ref.source] = rate
+        w = ref.torch_layout()
+        by_shape.setdefault(w.shape, []).append((w, rate))
+
+    def rate_of(ref: WeightRef) -> tuple[int, int] | None:
+        """The annotated weight a node holds: the same source, or (a constant the exporter
+        folded per call, e.g. one transposed copy per MatMul) the same values."""
+        if ref.source in per_position:
+            return per_position[ref.source]
+        w = ref.torch_layout()
+        return next((rate for aw, rate in by_shape.get(w.shape, ()) if proportional(aw, w)),
+                    None)
+
     std = dense_hw = after = 0
     for node in graph.graph.node:
         counted = graph.node_macs(node)
@@ -49,8 +66,9 @@ def model_macs(graph: OnnxGraph, annotated: list[tuple[onnx.NodeProto, int | Non
             continue
         ref = graph.weight(node)
         std, dense_hw = std + counted[0], dense_hw + counted[1]
-        if ref is not None and ref.source in per_position:
-            mults, dense = per_position[ref.source]
+        rate = rate_of(ref) if ref is not None else None
+        if rate is not None:
+            mults, dense = rate
             after += counted[1] * mults // dense
         else:
             after += counted[1]
