@@ -430,3 +430,68 @@ def test_data_dependent_shapes_fall_back_to_a_real_run():
     assert gm.meta["vbxfx.frontend"] == "symbolic_trace"
     layer = AnalyzeLayers()(gm).details["fc"]
     assert layer.in_shape == (3, 4) and layer.macs == 8
+
+
+class Sliced(nn.Module):
+    """Runs ``self.model[:-1]`` then ``self.model[-1]`` (ultralytics' RT-DETR does this)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(nn.Conv2d(8, 8, 1)),
+                                   nn.Conv2d(8, 4, 1))
+
+    def forward(self, x):
+        for m in self.model[:-1]:
+            x = m(x)
+        return self.model[-1](x)
+
+
+def test_export_module_paths_through_slices_and_negative_indices():
+    """torch.export names a module reached through ``self.model[:-1]`` as
+    ``model.slice(None, -1, None).0`` on ultralytics' RT-DETR (test_real_models_counted loads
+    it); the stack of this small model is respelled that way, and ``self.model[-1]`` as
+    ``model.-1``."""
+    gm = vbxfx.trace(Sliced(), torch.randn(1, 3, 8, 8), frontend="export")
+    spelling = {"model.0": "model.slice(None, -1, None).0",
+                "model.1": "model.slice(None, -1, None).1",
+                "model.1.0": "model.slice(None, -1, None).1.0", "model.2": "model.-1"}
+    for n in gm.graph.nodes:
+        stack = n.meta.get("nn_module_stack")
+        if stack:
+            n.meta["nn_module_stack"] = {k: (spelling.get(path, path), kind)
+                                         for k, (path, kind) in stack.items()}
+    table = AnalyzeLayers()(gm).details
+    assert table.names() == ["model.0", "model.1.0", "model.2"]
+    assert all(layer.kind == "conv2d" and layer.eligible for layer in table)
+
+
+def test_resolve_module_path():
+    from vbxfx.layer_records import resolve_module_path
+    model = Sliced()
+    assert resolve_module_path(model, "model.slice(None, -1, None).1.0") == "model.1.0"
+    assert resolve_module_path(model, "model.slice(1, None, None).1") == "model.2"
+    assert resolve_module_path(model, "model.-1") == "model.2"
+    assert resolve_module_path(model, "") == ""
+    assert resolve_module_path(model, "model.7") is None
+    assert resolve_module_path(model, "model.slice(None, -1, None)") is None
+    assert resolve_module_path(model, "nope.0") is None
+
+
+def test_other_ops_and_batch_independent_positions():
+    """Attention products count as other ops; a Linear on a ``[seq, batch, features]`` layout
+    (as inside nn.MultiheadAttention) counts its rows per batch element."""
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):                            # x [2, 5, 8]
+            y = self.fc(x.transpose(0, 1))               # [5, 2, 8]
+            return torch.matmul(y, y.transpose(1, 2))    # [5, 2, 2]: 5*2*2*8 MACs, batch 2
+
+    for frontend in FRONTENDS:
+        table = analyze_gm(SeqFirst(), torch.randn(2, 5, 8), frontend)[1].details
+        assert table["fc"].output_positions == 5 and table["fc"].macs == 5 * 8 * 8
+        assert [op.macs for op in table.ops] == [5 * 2 * 8 * 2 // 2]
+        assert table.total_macs == 5 * 8 * 8 + 80 and table.other_macs == 80, frontend
+        assert LayerTable.from_dict(table.to_dict()) == table

@@ -15,7 +15,7 @@ import vbxfx
 from test_export import compress_by_hand
 from vbxfx.errors import ExportError
 from vbxfx.export.graph import OnnxGraph
-from vbxfx.export.mapping import annotate
+from vbxfx.export.onnx_export import annotate
 from vbxfx.modules import from_dense, is_compressed
 
 

@@ -16,11 +16,10 @@ it, so its standard MACs count in every total, before and after compression.
 
 The three MAC figures every vbxfx report uses (README, "What the MAC figures mean"):
 
-- **standard MACs**: the float model's multiplies (:attr:`LayerTable.total_macs`);
-- **dense hardware MACs**: what the accelerator spends with every layer at ``R=4``, input
-  channels padded to 8 (:meth:`LayerTable.hw_macs` with no repeats);
-- **hardware MACs after** compression (:meth:`LayerTable.hw_macs` with the chosen repeats);
-  "removed" is always ``1 - after / dense hardware MACs``.
+**standard MACs** (the float model's multiplies, :attr:`LayerTable.total_macs`), **dense
+hardware MACs** (every layer at ``R=4``, input channels padded to 8: :meth:`LayerTable.hw_macs`
+with no repeats), **hardware MACs after** compression (with the chosen repeats); "removed" is
+always ``1 - after / dense hardware MACs``.
 
 >>> from vbxfx.layers import LayerInfo, LayerTable
 >>> conv = LayerInfo(name="conv", kind="conv2d", node_name="conv", weight_shape=(8, 3, 3, 3),
@@ -210,11 +209,10 @@ class OpInfo:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OpInfo:
         try:
-            return cls(name=d["name"], ops=tuple(d["ops"]), node_name=d["node_name"],
-                       macs=int(d["macs"]), module_type=d.get("module_type", ""))
+            return cls(d["name"], tuple(d["ops"]), d["node_name"], int(d["macs"]),
+                       d.get("module_type", ""))
         except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"OpInfo.from_dict: needs name, ops, node_name, macs; got "
-                              f"{sorted(d) if isinstance(d, Mapping) else d!r}") from e
+            raise ConfigError(f"OpInfo.from_dict needs name, ops, node_name, macs: {d!r}") from e
 
 
 class LayerTable:
@@ -371,8 +369,7 @@ class LayerTable:
     def _ops_lines(self, shown: int = 8) -> list[str]:
         if not self.ops:
             return []
-        lines = ["", f"other multiply-heavy ops ({len(self.ops)}; dense on the hardware, not "
-                     "compressible):"]
+        lines = ["", f"other multiply-heavy ops ({len(self.ops)}, dense, not compressible):"]
         biggest = sorted(self.ops, key=lambda op: -op.macs)
         for op in biggest[:shown]:
             where = f"{op.name} ({op.module_type})" if op.module_type else op.name
