@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import vbxfx
 from vbxfx.errors import ConfigError, FormatError
+from independent_macs import count_multiplies
 from vbxfx.layers import LINEAR_NOTE, LayerInfo, LayerTable
 from vbxfx.meta import LAYER_KEY, get_meta
 from vbxfx.passes import AnalyzeLayers, PassResult
@@ -362,7 +363,9 @@ def check_against_hooks(model, x, frontend):
     gm = vbxfx.trace(model, x)
     assert gm.meta["vbxfx.frontend"] == frontend
     table = AnalyzeLayers()(gm).details
-    assert table.total_macs == hook_macs(model, x)
+    assert table.layer_macs == hook_macs(model, x)       # the Conv/Linear layers called
+    counted = count_multiplies(model, x, {})             # every multiply
+    assert (table.total_macs, table.hw_macs()) == (counted.standard, counted.dense)
     return table
 
 
@@ -397,6 +400,10 @@ def vit():
 def test_vit_b_16_macs_match_hooks(vit):
     x = torch.randn(1, 3, 224, 224)
     table = check_against_hooks(vit, x, "symbolic_trace")
+    attention = 12 * (197 * 768 * 768 * 4 + 2 * 197 * 197 * 768)   # projections + products
+    assert table.other_macs == attention and len(table.ops) == 12
+    out_proj = table["encoder.layers.encoder_layer_0.self_attention.out_proj"]
+    assert out_proj.calls == 0 and not out_proj.eligible
     mlp = table["encoder.layers.encoder_layer_0.mlp.0"]
     assert mlp.output_positions == 197 and mlp.macs == 768 * 3072 * 197
     assert table["heads.head"].output_positions == 1
@@ -412,7 +419,9 @@ def test_yolo_macs_match_hooks(name, expected):
 
     model = DetectionModel(f"{name}.yaml", verbose=False)
     table = check_against_hooks(model, torch.randn(1, 3, 640, 640), "export")
-    assert table.total_macs == expected
+    assert table.layer_macs == expected          # NOTES.md: a Conv2d + Linear hook count
+    if name == "yolo11n":                        # C2PSA's attention: q k^T and a v
+        assert table.other_macs == table.total_macs - expected > 0
     assert table["model.0.conv"].kind == "conv2d"
     assert table["model.22.dfl.conv" if name == "yolov8n" else "model.23.dfl.conv"].calls == 1
 
