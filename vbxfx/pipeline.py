@@ -174,8 +174,9 @@ def build_report(table: LayerTable, alloc: Allocation, records: dict[str, LayerR
                         "the totals include them")
     unused = [l.name for l in table if l.calls == 0]
     if unused:
-        warnings.append(f"{len(unused)} Conv/Linear layer(s) the traced forward does not call "
-                        f"stay dense (see their reasons): {', '.join(unused[:5])}"
+        warnings.append(f"{len(unused)} Conv/Linear layer(s) whose own forward never runs stay "
+                        "dense (a parent reads the weight directly, or the layer is unused; "
+                        f"see their reasons): {', '.join(unused[:5])}"
                         + (" ..." if len(unused) > 5 else ""))
     return {
         "fmt": alloc.fmt, "budget": alloc.budget, "target": alloc.target,
