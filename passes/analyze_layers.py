@@ -11,6 +11,18 @@ and writes one :class:`vbxfx.layers.LayerInfo` per layer call into
   weight is a ``get_attr`` of the parameter's fully-qualified name, mapped back to the module
   that owns it through the node's ``nn_module_stack``.
 
+A layer is eligible only where its compressed weight is what the computation uses: its module
+is called (a ``call_module`` node, or its forward on the ``nn_module_stack``) and nothing else
+reads its weight. Conv/Linear modules the forward never calls are listed too, dense, with the
+reason (a parent such as ``nn.MultiheadAttention`` reads the weight itself, a function such as
+torchvision's ``shifted_window_attention`` gets it as an argument, an unused auxiliary head).
+Layers whose weight does not train (``requires_grad=False``, like ultralytics' fixed DFL conv)
+stay dense as "frozen" unless ``include_frozen=True``.
+
+Every other node runs inside a :class:`vbxfx.op_macs.MacCounter`: its matrix products and
+attention kernels become :class:`vbxfx.layers.OpInfo` records in the table, dense cost that
+compression cannot remove but every total includes.
+
 >>> gm = vbxfx.trace(model, torch.randn(1, 3, 224, 224))                # doctest: +SKIP
 >>> table = AnalyzeLayers(exclude=["fc"])(gm).details                   # doctest: +SKIP
 >>> table["fc"].reason                                                  # doctest: +SKIP
@@ -23,61 +35,45 @@ import dataclasses
 import difflib
 import fnmatch
 import logging
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
-from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from vbxfx.errors import ConfigError
-from vbxfx.format.cost import REPEATS, hardware_macs
-from vbxfx.layers import LINEAR_NOTE, LayerInfo, LayerTable, module_kind
+from vbxfx.layer_records import (FUNCTIONS, arg, functional_kind, ineligible, layer_info,
+                                 others_sharing, parameter_owners, resolve_module_path,
+                                 uncalled_info, weight_owner, write_tensor_meta)
+from vbxfx.layers import OTHER_OPS_WARN_SHARE, LayerInfo, LayerTable, OpInfo, module_kind
 from vbxfx.meta import LAYER_KEY
+from vbxfx.op_macs import MacCounter
 from vbxfx.passes.base import GraphPass, PassResult
 from vbxfx.trace import INPUTS_KEY, eval_mode, get_root, preserved_state, run_shapes_only
+from vbxfx.weight_use import UNUSED_FORWARD, direct_weight_readers
 
-__all__ = ["AnalyzeLayers", "TABLE_KEY", "layer_table"]
+__all__ = ["AnalyzeLayers", "TABLE_KEY", "layer_table", "FROZEN_REASON"]
 
 logger = logging.getLogger(__name__)
 
 #: ``gm.meta`` key of the LayerTable the last AnalyzeLayers run produced.
 TABLE_KEY = "vbxfx.layer_table"
-
-_aten = torch.ops.aten
-# call_function targets -> (family, transposed, spelling for messages)
-_FUNCTIONS: dict[Any, tuple[str, bool | None, str]] = {
-    F.conv1d: ("conv", False, "F.conv1d"),
-    F.conv2d: ("conv", False, "F.conv2d"),
-    F.conv3d: ("conv", False, "F.conv3d"),
-    F.conv_transpose1d: ("conv", True, "F.conv_transpose1d"),
-    F.conv_transpose2d: ("conv", True, "F.conv_transpose2d"),
-    F.conv_transpose3d: ("conv", True, "F.conv_transpose3d"),
-    F.linear: ("linear", False, "F.linear"),
-    _aten.linear.default: ("linear", False, "F.linear"),
-    _aten.convolution.default: ("conv", None, "F.conv2d"),
-    _aten._convolution.default: ("conv", None, "F.conv2d"),
-}
-for _d in (1, 2, 3):
-    for _overload in ("default", "padding"):
-        _op = getattr(getattr(_aten, f"conv{_d}d"), _overload)
-        _FUNCTIONS[_op] = ("conv", False, f"F.conv{_d}d")
-    _packet = getattr(_aten, f"conv_transpose{_d}d")
-    for _overload in _packet.overloads():
-        _FUNCTIONS[getattr(_packet, _overload)] = ("conv", True, f"F.conv_transpose{_d}d")
+#: The reason of a layer left dense because its weight does not train.
+FROZEN_REASON = ("frozen (weight.requires_grad=False); include_frozen=True compresses it")
 
 class AnalyzeLayers(GraphPass):
-    """Analysis pass: a :class:`~vbxfx.layers.LayerTable` of every Conv/Linear layer.
+    """Analysis pass: a :class:`~vbxfx.layers.LayerTable` of every Conv/Linear layer and of the
+    other multiply-heavy ops.
 
     Args:
         exclude: fully-qualified layer names or fnmatch globs (``"model.22.*"``) to keep dense;
             they are reported ineligible with reason ``"excluded by user"``.
         example_inputs: inputs to run the graph on; by default the ones :func:`vbxfx.trace`
             recorded in ``gm.meta["vbxfx.example_inputs"]``.
+        include_frozen: also compress layers whose weight has ``requires_grad=False`` (by
+            default they stay dense, reason "frozen"). When every layer is frozen (a model
+            frozen as a whole for inference) frozen-ness says nothing and is ignored.
 
     Raises:
         ConfigError: an ``exclude`` pattern that matches no layer (with the closest names), or
@@ -87,7 +83,8 @@ class AnalyzeLayers(GraphPass):
     in_place = True
     changes_input = False
 
-    def __init__(self, exclude: str | Iterable[str] = (), *, example_inputs: Any = None):
+    def __init__(self, exclude: str | Iterable[str] = (), *, example_inputs: Any = None,
+                 include_frozen: bool = False):
         if isinstance(exclude, str):
             exclude = (exclude,)
         try:
@@ -97,8 +94,11 @@ class AnalyzeLayers(GraphPass):
         bad = [p for p in patterns if not isinstance(p, str) or not p]
         if bad:
             raise ConfigError(f"exclude takes non-empty strings (names or globs), got {bad!r}")
+        if not isinstance(include_frozen, bool):
+            raise ConfigError(f"include_frozen must be True or False, got {include_frozen!r}")
         self.exclude = patterns
         self.example_inputs = example_inputs
+        self.include_frozen = include_frozen
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         inputs = self.example_inputs if self.example_inputs is not None else gm.meta.get(INPUTS_KEY)
@@ -110,9 +110,11 @@ class AnalyzeLayers(GraphPass):
         if isinstance(inputs, torch.Tensor):
             inputs = (inputs,)
         root = get_root(gm)
+        first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        batch = int(first.shape[0]) if first is not None and first.dim() >= 2 else 1
 
         def record(*xs: Any) -> _Recorder:
-            recorder = _Recorder(gm, root)
+            recorder = _Recorder(gm, root, max(1, batch))
             recorder.run(*xs)
             return recorder
 
@@ -120,45 +122,60 @@ class AnalyzeLayers(GraphPass):
         # A graph whose shapes depend on values (nonzero...) runs again on real tensors.
         with eval_mode(gm), preserved_state(root):
             recorder = run_shapes_only(record, tuple(inputs))
-        if recorder.hidden:
-            logger.warning(
-                "%d leaf module(s) hold Conv/Linear layers that run inside them and are not "
-                "analysed (their MACs are not counted): %s", len(recorder.hidden),
-                ", ".join(recorder.hidden[:5]) + (" ..." if len(recorder.hidden) > 5 else ""))
 
-        table = self._aggregate(recorder.calls, root)
+        table = self._aggregate(recorder, root)
         for node, info, _ in recorder.calls:
             final = table[info.name]
             node.meta[LAYER_KEY] = dataclasses.replace(
                 info, eligible=final.eligible, reason=final.reason)
         gm.meta[TABLE_KEY] = table
-        logger.info("AnalyzeLayers: %d layers, %d eligible, %s MACs", len(table),
-                    len(table.eligible()), f"{table.total_macs:,}")
+        hidden = [l.name for l in table if l.calls == 0 and "leaf module" in (l.reason or "")]
+        if hidden:
+            logger.warning("%d Conv/Linear layer(s) run inside leaf modules, which vbxfx does not "
+                           "trace into: they stay dense (their MACs count as other ops): %s",
+                           len(hidden), ", ".join(hidden[:5]) + (" ..." if len(hidden) > 5
+                                                                 else ""))
+        if table.other_share >= OTHER_OPS_WARN_SHARE:
+            logger.warning(
+                "%.1f%% of the dense hardware MACs are in multiply-heavy ops that are not "
+                "Conv2d/Linear layer calls (attention matmuls, functional calls, ...): they "
+                "stay dense and compression cannot remove them; every total includes them",
+                100 * table.other_share)
+        logger.info("AnalyzeLayers: %d layers, %d eligible, %s standard MACs (%s in other ops)",
+                    len(table), len(table.eligible()), f"{table.total_macs:,}",
+                    f"{table.other_macs:,}")
         return PassResult(gm, modified=False, details=table)
 
-    def _aggregate(self, calls: list, root: nn.Module) -> LayerTable:
+    def _aggregate(self, recorder: _Recorder, root: nn.Module) -> LayerTable:
         layers: dict[str, LayerInfo] = {}
         fqn_of: dict[str, str | None] = {}
-        for node, info, param_fqn in calls:
+        for node, info, param_fqn in recorder.calls:
             prev = layers.get(info.name)
             if prev is None:
                 layers[info.name] = info
                 fqn_of[info.name] = param_fqn
             elif prev.kind != info.kind:
-                layers[info.name] = _ineligible(prev.merged(info), (
+                layers[info.name] = ineligible(prev.merged(info), (
                     f"weight also used by a {info.kind} call at node {node.name} "
                     f"(layer is {prev.kind}): vbxfx rewrites modules only"))
             else:
                 layers[info.name] = prev.merged(info)
 
-        owners = _parameter_owners(root)
+        owners = parameter_owners(root)
         for name, layer in list(layers.items()):
             param_fqn = fqn_of[name]
             if not layer.eligible or param_fqn is None:
                 continue
-            others = _others_sharing(root, param_fqn, owners)
+            others = others_sharing(root, param_fqn, owners)
             if others:
-                layers[name] = _ineligible(layer, "weight shared with layer " + ", ".join(others))
+                layers[name] = ineligible(layer, "weight shared with layer " + ", ".join(others))
+
+        self._add_uncalled(layers, recorder, root)
+        readers = {**recorder.direct, **direct_weight_readers(root)}
+        for name, reason in readers.items():
+            if name in layers and layers[name].eligible:
+                layers[name] = ineligible(layers[name], reason)
+        self._mark_frozen(layers, root)
 
         if self.exclude:
             names = list(layers)
@@ -172,8 +189,46 @@ class AnalyzeLayers(GraphPass):
                         + f" ({len(names)} layers, e.g. {names[:3]})")
                 for n in hits:
                     if layers[n].eligible:
-                        layers[n] = _ineligible(layers[n], "excluded by user")
-        return LayerTable(layers.values())
+                        layers[n] = ineligible(layers[n], "excluded by user")
+        return LayerTable(layers.values(), recorder.ops)
+
+    @staticmethod
+    def _add_uncalled(layers: dict[str, LayerInfo], recorder: _Recorder,
+                      root: nn.Module) -> None:
+        """A record for every Conv/Linear module the traced forward does not call itself."""
+        readers = direct_weight_readers(root)
+        for name, mod in root.named_modules():
+            if module_kind(mod) is None or name in layers:
+                continue
+            reason = recorder.direct.get(name) or readers.get(name)
+            if reason is None:
+                leaf = next((path for path in recorder.leaves
+                             if name.startswith(path + ".")), None)
+                reason = (f"runs inside the leaf module {leaf!r} "
+                          f"({type(root.get_submodule(leaf)).__name__}), which vbxfx does not "
+                          "trace into" if leaf is not None
+                          else "never called by the traced forward")
+            layers[name] = uncalled_info(name, mod, reason)
+
+    def _mark_frozen(self, layers: dict[str, LayerInfo], root: nn.Module) -> None:
+        frozen = []
+        candidates = 0
+        for name, layer in layers.items():
+            if not layer.eligible or layer.kind not in ("conv2d", "linear"):
+                continue
+            candidates += 1
+            weight = getattr(root.get_submodule(name), "weight", None)
+            if isinstance(weight, torch.Tensor) and not weight.requires_grad:
+                frozen.append(name)
+        if not frozen or self.include_frozen:
+            return
+        if len(frozen) == candidates:
+            logger.info("every eligible layer's weight has requires_grad=False (a model frozen "
+                        "as a whole): frozen layers are compressed like the others")
+            return
+        for name in frozen:
+            layers[name] = ineligible(layers[name], FROZEN_REASON)
+        logger.info("%d frozen layer(s) stay dense: %s", len(frozen), ", ".join(frozen[:5]))
 
 
 def layer_table(gm: torch.fx.GraphModule) -> LayerTable:
@@ -189,223 +244,126 @@ def layer_table(gm: torch.fx.GraphModule) -> LayerTable:
 
 
 class _Recorder(torch.fx.Interpreter):
-    """Runs the graph, writes ``tensor_meta`` and collects one LayerInfo per layer call."""
+    """Runs the graph, writes ``tensor_meta``, collects one LayerInfo per layer call, an
+    OpInfo per other node with multiplies, the leaf modules called and the layers whose
+    weight a node other than their own call reads."""
 
-    def __init__(self, gm: torch.fx.GraphModule, root: nn.Module):
+    def __init__(self, gm: torch.fx.GraphModule, root: nn.Module, batch: int):
         super().__init__(gm)
         self.root = root
+        self.batch = batch
         self.calls: list[tuple[torch.fx.Node, LayerInfo, str | None]] = []
-        self.hidden: list[str] = []
+        self.ops: list[OpInfo] = []
+        self.leaves: list[str] = []
+        self.direct: dict[str, str] = {}
+        self._owners = parameter_owners(root)
+        self._dynamic: set[torch.fx.Node] = set()  # nodes that depend on the inputs
 
     def run_node(self, n: torch.fx.Node) -> Any:
         n.meta.pop(LAYER_KEY, None)
         args = kwargs = None
         if n.op in ("call_module", "call_function"):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-        result = super().run_node(n)
-        _write_tensor_meta(n, result)
+        calls = len(self.calls)
+        with MacCounter() as counter:
+            result = super().run_node(n)
+        write_tensor_meta(n, result)
         if n.op == "call_module":
             self._module_call(n, args, result)
-        elif n.op == "call_function" and n.target in _FUNCTIONS:
+        elif n.op == "call_function" and n.target in FUNCTIONS:
             self._function_call(n, args, kwargs, result)
+        if n.op == "placeholder" or any(a in self._dynamic for a in n.all_input_nodes):
+            self._dynamic.add(n)
+        if len(self.calls) == calls:
+            if counter.macs and n in self._dynamic:  # constants are folded at export
+                self._other_op(n, counter)
+            self._direct_reads(n)
         return result
+
+    def _other_op(self, n: torch.fx.Node, counter: MacCounter) -> None:
+        where, kind = n.name, ""
+        if n.op == "call_module":
+            where, kind = str(n.target), type(self.fetch_attr(n.target)).__name__
+        elif n.meta.get("nn_module_stack"):
+            path, type_name = list(n.meta["nn_module_stack"].values())[-1]
+            where = resolve_module_path(self.root, path) or path
+            kind = type_name.__name__ if isinstance(type_name, type) else str(
+                type_name).rsplit(".", 1)[-1]
+        self.ops.append(OpInfo(name=where or "(root)", ops=counter.ops, node_name=n.name,
+                               macs=counter.macs // self.batch, module_type=kind))
+
+    def _layer_of(self, node: Any) -> str | None:
+        """The Conv/Linear module whose weight or bias a get_attr node reads, if any."""
+        if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+            return None
+        module, _, attr = str(node.target).rpartition(".")
+        if attr not in ("weight", "bias"):
+            return None
+        try:
+            return module if module_kind(self.root.get_submodule(module)) else None
+        except AttributeError:
+            return None
+
+    def _direct_reads(self, n: torch.fx.Node) -> None:
+        """A node that is no layer call of its own but reads a layer's weight or bias."""
+        if n.op not in ("call_function", "call_method", "call_module"):
+            return
+        for source in n.all_input_nodes:
+            layer = self._layer_of(source)
+            if layer is None or layer in self.direct:
+                continue
+            what = getattr(n.target, "__name__", str(n.target))
+            self.direct[layer] = (f"weight used directly by {what} (node {n.name}): "
+                                  f"{UNUSED_FORWARD}")
 
     def _module_call(self, n: torch.fx.Node, args: tuple, result: Any) -> None:
         mod = self.fetch_attr(n.target)
         kind = module_kind(mod)
         if kind is None:
-            inner = [name for name, m in mod.named_modules() if name and module_kind(m)]
-            if inner:
-                self.hidden.append(f"{n.target} ({type(mod).__name__}: {len(inner)})")
+            if any(module_kind(m) for name, m in mod.named_modules() if name):
+                self.leaves.append(str(n.target))
             return
         x = args[0]
         bias = getattr(mod, "bias", None)
-        info = _layer_info(
+        info = layer_info(
             name=n.target, kind=kind, node=n, weight=mod.weight, x=x, out=result,
             groups=getattr(mod, "groups", 1), transposed=kind == "conv_transpose",
             bias_numel=bias.numel() if isinstance(bias, torch.Tensor) else 0,
-            module_type=type(mod).__name__)
+            module_type=type(mod).__name__, batch=self.batch)
         prefix = f"{n.target}." if n.target else ""
         self.calls.append((n, info, prefix + "weight"))
 
     def _function_call(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> None:
-        family, transposed, spelling = _FUNCTIONS[n.target]
-        x, weight = args[0], _arg(args, kwargs, 1, "weight")
-        bias = _arg(args, kwargs, 2, "bias")
+        family, transposed, spelling = FUNCTIONS[n.target]
+        x, weight = args[0], arg(args, kwargs, 1, "weight")
+        bias = arg(args, kwargs, 2, "bias")
         if transposed is None:  # aten.convolution(input, weight, bias, s, p, d, transposed, op, g)
-            transposed = bool(_arg(args, kwargs, 6, "transposed", False))
-            groups = _arg(args, kwargs, 8, "groups", 1)
+            transposed = bool(arg(args, kwargs, 6, "transposed", False))
+            groups = arg(args, kwargs, 8, "groups", 1)
         elif family == "linear":
             groups = 1
         else:  # conv: groups at 6 both for convNd and conv_transposeNd
-            groups = _arg(args, kwargs, 6, "groups", 1)
+            groups = arg(args, kwargs, 6, "groups", 1)
         if not isinstance(weight, torch.Tensor) or not isinstance(x, torch.Tensor):
             return
         w_node = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
         bias_numel = bias.numel() if isinstance(bias, torch.Tensor) else 0
-        kind = _functional_kind(family, transposed, weight.dim())
-        owner, param_fqn, why_not = self._weight_owner(n, w_node, family, transposed, weight)
+        kind = functional_kind(family, transposed, weight.dim())
+        owner, param_fqn, why_not = weight_owner(self.root, self._owners, n, w_node, family,
+                                                 transposed)
         if owner is not None:  # an export graph's view of an nn.Conv2d / nn.Linear call
             mod = self.root.get_submodule(owner)
-            info = _layer_info(name=owner, kind=module_kind(mod), node=n, weight=weight, x=x,
-                               out=result, groups=groups, transposed=transposed,
-                               bias_numel=bias_numel, module_type=type(mod).__name__)
+            info = layer_info(name=owner, kind=module_kind(mod), node=n, weight=weight, x=x,
+                              out=result, groups=groups, transposed=transposed,
+                              bias_numel=bias_numel, module_type=type(mod).__name__,
+                              batch=self.batch)
         else:
             name = param_fqn[: -len(".weight")] if param_fqn and param_fqn.endswith(
                 ".weight") else (param_fqn or n.name)
-            info = _layer_info(name=name, kind=kind, node=n, weight=weight, x=x, out=result,
-                               groups=groups, transposed=transposed, bias_numel=bias_numel,
-                               module_type=spelling)
-            info = _ineligible(info, f"functional {spelling} call on {why_not}: vbxfx rewrites "
-                                     "modules only")
+            info = layer_info(name=name, kind=kind, node=n, weight=weight, x=x, out=result,
+                              groups=groups, transposed=transposed, bias_numel=bias_numel,
+                              module_type=spelling, batch=self.batch)
+            info = ineligible(info, why_not if why_not.startswith("weight of ") else
+                              f"functional {spelling} call on {why_not}: vbxfx rewrites "
+                              "modules only")
         self.calls.append((n, info, param_fqn))
-
-    def _weight_owner(self, n: torch.fx.Node, w_node: Any, family: str, transposed: bool,
-                      weight: torch.Tensor) -> tuple[str | None, str | None, str]:
-        """(owner module fqn or None, parameter fqn or None, what the weight is)."""
-        if not isinstance(w_node, torch.fx.Node) or w_node.op != "get_attr":
-            what = w_node.name if isinstance(w_node, torch.fx.Node) else repr(w_node)
-            return None, None, f"a weight computed in the graph (node {what})"
-        fqn = w_node.target
-        try:
-            param = self.root.get_parameter(fqn)
-        except AttributeError:
-            return None, fqn, f"the constant tensor {fqn!r}"
-        stack = n.meta.get("nn_module_stack")
-        if stack:  # torch.export: the innermost module on the call stack
-            path = list(stack.values())[-1][0]
-        elif fqn == "weight":  # symbolic_trace of a root that is itself a Conv/Linear
-            path = ""
-        else:  # symbolic_trace: module calls are call_module nodes
-            return None, fqn, "a parameter"
-        try:
-            mod = self.root.get_submodule(path)
-        except AttributeError:
-            return None, fqn, "a parameter"
-        kind = module_kind(mod)
-        module_family = "linear" if kind == "linear" else "conv"
-        if (kind is not None and getattr(mod, "weight", None) is param
-                and module_family == family and (kind == "conv_transpose") == transposed):
-            return path, f"{path}.weight" if path else "weight", ""
-        return None, fqn, "a parameter"
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(name, default)
-
-
-def _functional_kind(family: str, transposed: bool, weight_dim: int) -> str:
-    if family == "linear":
-        return "functional_linear"
-    if transposed:
-        return "conv_transpose"
-    return {3: "conv1d", 4: "functional_conv2d", 5: "conv3d"}.get(weight_dim, "functional_conv2d")
-
-
-def _ineligible(info: LayerInfo, reason: str) -> LayerInfo:
-    return dataclasses.replace(info, eligible=False, reason=reason)
-
-
-def _structural_reason(kind: str, groups: int, in_channels: int) -> str | None:
-    if kind == "conv_transpose":
-        return "transposed conv"
-    if kind == "conv1d":
-        return "Conv1d"
-    if kind == "conv3d":
-        return "Conv3d"
-    if groups != 1:
-        if groups == in_channels:
-            return f"depthwise conv (groups={groups})"
-        return f"grouped conv (groups={groups})"
-    return None
-
-
-def _layer_info(*, name: str, kind: str, node: torch.fx.Node, weight: torch.Tensor,
-                x: torch.Tensor, out: torch.Tensor, groups: int, transposed: bool,
-                bias_numel: int, module_type: str) -> LayerInfo:
-    """The per-call record; MACs at batch 1."""
-    w = tuple(weight.shape)
-    out_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
-    groups = int(groups)
-    if kind in ("linear", "functional_linear"):
-        out_ch, in_ch = w
-        k_pos = 1
-        positions = math.prod(out_shape[1:-1]) if len(out_shape) >= 2 else 1
-        mac_positions, out_per, in_per = positions, out_ch, in_ch
-    else:
-        spatial = len(w) - 2
-        k_pos = math.prod(w[2:])
-        positions = math.prod(out_shape[-spatial:])
-        if transposed:  # weight [I, O/g, k...]; each input position scatters a kernel
-            in_ch, out_ch = w[0], w[1] * groups
-            mac_positions, out_per, in_per = math.prod(tuple(x.shape)[-spatial:]), w[1], w[0]
-        else:  # weight [O, I/g, k...]
-            in_ch, out_ch = w[1] * groups, w[0]
-            mac_positions, out_per, in_per = positions, w[0], w[1]
-    macs = out_per * in_per * k_pos * mac_positions
-    hw = {r: hardware_macs(out_per, in_per, k_pos, mac_positions, r) for r in REPEATS}
-    reason = _structural_reason(kind, groups, in_ch)
-    return LayerInfo(
-        name=name, kind=kind, node_name=node.name, weight_shape=w, in_shape=tuple(x.shape),
-        out_shape=out_shape, calls=1, in_channels=in_ch, out_channels=out_ch, groups=groups,
-        kernel_positions=k_pos, output_positions=positions, macs=macs, hw_macs=hw,
-        params=weight.numel() + bias_numel, eligible=reason is None, reason=reason,
-        note=LINEAR_NOTE if kind == "linear" else None, module_type=module_type)
-
-
-def _parameter_owners(root: nn.Module) -> dict[int, list[str]]:
-    """id(parameter) -> every fully-qualified name under which a module holds it."""
-    owners: dict[int, list[str]] = {}
-    for prefix, mod in root.named_modules(remove_duplicate=False):
-        for pname, p in mod._parameters.items():
-            if p is not None:
-                owners.setdefault(id(p), []).append(f"{prefix}.{pname}" if prefix else pname)
-    return owners
-
-
-def _others_sharing(root: nn.Module, param_fqn: str, owners: dict[int, list[str]]) -> list[str]:
-    try:
-        param = root.get_parameter(param_fqn)
-    except AttributeError:
-        return []
-    others = []
-    for fqn in owners.get(id(param), []):
-        if fqn != param_fqn:
-            name = fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn
-            if name not in others:
-                others.append(name)
-    return others
-
-
-class _SymbolicShape(RuntimeError):
-    """A fake-tensor run met a data-dependent shape; the real run takes over."""
-
-
-def _write_tensor_meta(n: torch.fx.Node, result: Any) -> None:
-    """``node.meta["tensor_meta"]`` as ShapeProp writes it (tuples for tuple results)."""
-    found = False
-
-    def extract(obj: Any) -> Any:
-        nonlocal found
-        if isinstance(obj, torch.Tensor):
-            found = True
-            if not all(isinstance(s, int) for s in obj.shape):
-                raise _SymbolicShape(f"{n.format_node()} has the data-dependent shape "
-                                     f"{tuple(obj.shape)}")
-            try:
-                return _extract_tensor_metadata(obj)
-            except Exception:  # exotic tensors: the shape is all vbxfx needs
-                return TensorMetadata(
-                    obj.shape, obj.dtype, False, (), None, False, {})
-        return obj
-
-    meta = map_aggregate(result, extract)
-    if found:
-        n.meta["tensor_meta"] = meta
-    else:
-        n.meta.pop("tensor_meta", None)

@@ -58,7 +58,13 @@ def test_report_rows_macs_table_and_json(exported):
     assert (rows["fc"].macs, rows["fc"].hw_macs) == (320, 160)
     assert rows["conv1"].compiler_repeat == 1 and rows["conv2"].shape == (32, 16, 3, 3)
     totals = report.totals()
-    assert totals["macs"] == 336_704 and totals["model_macs"] == 336_704 + 32 * 9 * 49
+    assert totals["annotated_macs"] == 336_704
+    assert totals["macs"] == totals["model_macs"] == 336_704 + 32 * 9 * 49
+    # the whole model as `vbxfx compress` counts it: dense = every layer at R=4 with conv1's 3
+    # channels padded to 8, the depthwise conv at its standard MACs; after = the compiler's R
+    assert totals["hw_macs_dense"] == 16 * 9 * 8 * 256 + 225_792 + 32 * 9 * 49 + 320
+    assert totals["hw_macs"] == 16 * 9 * 8 * 256 // 4 + 112_896 + 32 * 9 * 49 + 160
+    assert totals["macs_removed"] == pytest.approx(1 - totals["hw_macs"] / totals["hw_macs_dense"])
     assert totals["compared"] == 3 and report.max_rel < report.rtol      # example + 2 random
     text = str(report)
     assert "conv2" in text and "HW MACs" in text and "225,792" in text and text.endswith("OK")

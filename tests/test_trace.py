@@ -240,3 +240,35 @@ def test_resnet18_traces_symbolically_and_stays_untouched():
     _assert_untouched(model, before)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x))
+
+
+@pytest.mark.slow
+def test_detector_error_says_how_to_compress_the_backbone_and_that_works(tmp_path, capsys):
+    """torchvision's Faster R-CNN loops over its images (`for img in images:`) and runs NMS:
+    neither symbolic_trace nor torch.export (strict or not: "Could not guard on data-dependent
+    expression") gets through, leaf modules do not help (the loop is in the root's forward).
+    The error shows the way out, and following it works end to end."""
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+
+    torch.manual_seed(0)
+    model = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None).eval()
+    x = torch.randn(1, 3, 320, 320)
+    with pytest.raises(TraceError) as info:
+        vbxfx.compress(model, x)
+    message = str(info.value)
+    assert "`for img in images:`" in message and "looks like a detector" in message
+    assert "vbxfx.compress(model.backbone, torch.randn(1, 3, 800, 800)" in message
+    assert "model.backbone = result.model" in message and "compress_vbx3" in message
+    assert "def forward" not in capsys.readouterr().out     # no graph dump on stdout
+
+    result = vbxfx.compress(model.backbone, torch.randn(1, 3, 800, 800), compression=0.66)
+    assert result.report["totals"]["compressed"] > 40
+    model.backbone = result.model
+    with torch.no_grad():
+        detections = model([torch.rand(3, 320, 320)])
+    assert set(detections[0]) == {"boxes", "labels", "scores"}
+    path = tmp_path / "backbone.onnx"
+    export = vbxfx.export_onnx(model.backbone, x, path)
+    assert len(export.layers) == result.report["totals"]["compressed"]
+    assert vbxfx.check_onnx(path, torch_model=model.backbone, example_inputs=x, n_random=0).ok

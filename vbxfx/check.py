@@ -20,7 +20,15 @@ problem in the report. :func:`run_check_command` is the CLI: exit code 0 when al
 >>> report = vbxfx.check_onnx("model.onnx", torch_model=model,     # doctest: +SKIP
 ...                           example_inputs=torch.randn(1, 3, 224, 224))
 >>> report.ok, report.totals()["hw_macs"]                          # doctest: +SKIP
-(True, 907036672)
+(True, 681043968)
+
+The totals are those of ``vbxfx compress`` (README, "What the MAC figures mean"): ``macs``, the
+standard MACs of every Conv/ConvTranspose/Gemm/MatMul in the file; ``hw_macs_dense``, the dense
+hardware MACs (R=4, input channels padded to 8); ``hw_macs``, the hardware MACs with each
+annotated layer at the repeat the compiler will pick from its int8 weights (every node sharing
+its weight too), the others dense; ``macs_removed``, of the dense hardware MACs. A layer that
+declares a higher repeat than its weights need is a warning: the compiler takes the smaller
+one.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ from vbxfx.export.graph import OnnxGraph, attribute
 from vbxfx.export.reader import annotated_nodes, load_onnx
 from vbxfx.export.foreign import foreign_nodes, has_annotations
 from vbxfx.export.verify import dense_mults, verify_layer
+from vbxfx.export.macs import complete_shapes, model_macs
+from vbxfx.format.cost import hardware_macs
 from vbxfx.model_state import float_dtype, require_real_tensors
 from vbxfx.tolerances import TOLERANCES, tolerances_for
 
@@ -69,6 +79,8 @@ class LayerRow:
     macs: int | None
     hw_macs: int | None
     problems: tuple[str, ...] = ()
+    hw_macs_dense: int | None = None        # the layer at R=4, input channels padded to 8
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,9 @@ class CheckReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     model_macs: int | None = None
+    model_hw_macs_dense: int | None = None
+    model_hw_macs: int | None = None
+    warnings: list[str] = field(default_factory=list)
     rtol: float = DEFAULT_RTOL
     atol: float = DEFAULT_ATOL
     seconds: float = 0.0
@@ -112,20 +127,26 @@ class CheckReport:
         return max((o.max_rel for o in self.outputs), default=None)
 
     def totals(self) -> dict[str, Any]:
+        """Whole-model MACs as ``vbxfx compress`` counts them (module docstring), and the
+        sums over the annotated layers (``annotated_*``); per image, None when unknown."""
         known = all(r.macs is not None for r in self.layers)
+        dense, after = self.model_hw_macs_dense, self.model_hw_macs
         return {"layers": len(self.layers), "fit": sum(r.fits for r in self.layers),
                 "agree": sum(r.agrees for r in self.layers),
-                "macs": sum(r.macs for r in self.layers) if known else None,
-                "hw_macs": sum(r.hw_macs for r in self.layers) if known else None,
+                "macs": self.model_macs, "hw_macs_dense": dense, "hw_macs": after,
+                "macs_before": dense, "macs_after": after,
+                "macs_removed": 1.0 - after / dense if dense and after is not None else None,
+                "annotated_macs": sum(r.macs for r in self.layers) if known else None,
+                "annotated_hw_macs": sum(r.hw_macs for r in self.layers) if known else None,
                 "model_macs": self.model_macs, "max_abs": self.max_abs, "max_rel": self.max_rel,
-                "compared": len(self.outputs)}
+                "compared": len(self.outputs), "warnings": len(self.warnings)}
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "ok": self.ok, "onnx_checker": self.onnx_checker,
                 "layers": [asdict(r) for r in self.layers],
                 "outputs": [asdict(o) for o in self.outputs], "totals": self.totals(),
                 "rtol": self.rtol, "atol": self.atol, "problems": list(self.problems),
-                "notes": list(self.notes),
+                "notes": list(self.notes), "warnings": list(self.warnings),
                 "not_compared": self.not_compared, "seconds": self.seconds}
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -144,11 +165,13 @@ class CheckReport:
         line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
         out = [f"vbxfx check {self.path}", line(head)] + [line(r) for r in rows]
         t = self.totals()
-        saved = (f" ({1 - t['hw_macs'] / t['macs']:.1%} fewer)" if t["macs"] and t["hw_macs"]
-                 is not None else "")
-        out.append(f"totals: {t['layers']} layer(s), {t['fit']} fit, {t['agree']} agree; MACs "
-                   f"{num(t['macs'])} -> hardware {num(t['hw_macs'])}{saved}; model MACs "
-                   f"{num(t['model_macs'])}")
+        removed = (f": {t['macs_removed']:.1%} of the dense hardware MACs removed"
+                   if t["macs_removed"] is not None else "")
+        out.append(f"totals: {t['layers']} annotated layer(s), {t['fit']} fit, {t['agree']} "
+                   f"agree; standard MACs {num(t['macs'])}; hardware MACs {num(t['hw_macs_dense'])}"
+                   f" dense (R=4, input channels padded to 8) -> {num(t['hw_macs'])} at the "
+                   f"repeats the compiler will use{removed}")
+        out += [f"warning: {w}" for w in self.warnings]
         out.append(f"onnx checker: {'ok' if self.onnx_checker else 'FAILED'}")
         if self.outputs:
             out.append(f"onnxruntime vs torch: {len(self.outputs)} comparison(s), max abs "
@@ -220,11 +243,14 @@ def check_onnx(path: str | os.PathLike, *, torch_model: torch.nn.Module | None =
     else:
         nodes = annotated_nodes(proto, where)
     graph = OnnxGraph(proto)
+    complete_shapes(graph)
     _check_layers(graph, nodes, report)
     if foreign and torch_model is None:
         # encodings derived from the file itself: only the fit to the declared repeat counts
         report.problems = [p for p in report.problems if "annotation disagrees" not in p]
-    report.model_macs = _model_macs(graph)
+    report.model_macs, report.model_hw_macs_dense, report.model_hw_macs = model_macs(
+        graph, [(item.node, row.hw_macs, row.hw_macs_dense)
+                for item, row in zip(nodes, report.layers)])
     sets = _input_sets(inputs, example_inputs)
     if torch_model is not None and float_dtype(torch_model) != torch.float32:
         sets = _in_file_dtype(sets, float_dtype(torch_model))
@@ -294,27 +320,16 @@ def _check_layers(graph: OnnxGraph, nodes: list, report: CheckReport) -> None:
             problems.append(f"{label}: a grouped convolution (group={group}); the compiler "
                             "leaves it dense")
         positions = graph.output_positions(node)
-        macs = hw = None
+        macs = hw = dense = None
         if positions is not None and tuple(weight.shape) == shape:
             macs, hw = dense_mults(shape) * positions, verdict.mults * positions
+            dense = hardware_macs(shape[0], shape[1], dense_mults(shape[2:]), positions, 4)
         report.problems.extend(problems)
+        report.warnings.extend(verdict.warnings)
         report.layers.append(LayerRow(ann.name, node.name, ann.fmt, ann.repeat,
                                       verdict.compiler_repeat, shape, verdict.fits and group == 1,
-                                      verdict.agrees, macs, hw, tuple(problems)))
-
-
-def _model_macs(graph: OnnxGraph) -> int | None:
-    """Standard MACs (batch 1) of every Conv/Gemm/MatMul with a constant weight."""
-    total = 0
-    for node in graph.layer_nodes():
-        ref = graph.weight(node)
-        if ref is None:
-            continue
-        positions = graph.output_positions(node)
-        if positions is None:
-            return None
-        total += int(ref.array.size) * positions
-    return total
+                                      verdict.agrees, macs, hw, tuple(problems), dense,
+                                      verdict.warnings))
 
 
 def _weights_hint(graph: OnnxGraph, nodes: list, torch_model: torch.nn.Module) -> str | None:

@@ -9,6 +9,18 @@ MAC counts are for batch 1:
 - ``hw_macs[R]``: the VectorBlox count at repeat ``R`` (4 dense, 2, 1) from
   :func:`vbxfx.format.cost.hardware_macs`, which pads input channels to blocks of 8.
 
+An :class:`OpInfo` records a multiply-heavy op that is not a Conv/Linear layer (an attention
+``matmul`` / ``bmm`` / ``scaled_dot_product_attention``, an ``einsum``, the whole of a leaf
+module such as ``nn.MultiheadAttention``): the hardware runs it dense and vbxfx cannot compress
+it, so its standard MACs count in every total, before and after compression.
+
+The three MAC figures every vbxfx report uses (README, "What the MAC figures mean"):
+
+**standard MACs** (the float model's multiplies, :attr:`LayerTable.total_macs`), **dense
+hardware MACs** (every layer at ``R=4``, input channels padded to 8: :meth:`LayerTable.hw_macs`
+with no repeats), **hardware MACs after** compression (with the chosen repeats); "removed" is
+always ``1 - after / dense hardware MACs``.
+
 >>> from vbxfx.layers import LayerInfo, LayerTable
 >>> conv = LayerInfo(name="conv", kind="conv2d", node_name="conv", weight_shape=(8, 3, 3, 3),
 ...                  in_shape=(1, 3, 8, 8), out_shape=(1, 8, 6, 6), calls=1, in_channels=3,
@@ -33,7 +45,8 @@ from torch import nn
 from vbxfx.errors import ConfigError
 from vbxfx.format.cost import REPEATS, check_repeat
 
-__all__ = ["LayerInfo", "LayerTable", "KINDS", "LINEAR_NOTE", "LAYER_TYPES", "module_kind"]
+__all__ = ["LayerInfo", "LayerTable", "OpInfo", "KINDS", "LINEAR_NOTE", "LAYER_TYPES",
+           "module_kind", "OTHER_OPS_WARN_SHARE", "NOT_MODULE_KINDS"]
 
 #: The ``kind`` values a LayerInfo can have.
 KINDS = ("conv2d", "linear", "conv1d", "conv3d", "conv_transpose", "functional_conv2d",
@@ -164,8 +177,47 @@ class LayerInfo:
         return cls(**kw)
 
 
+#: Share of the dense hardware MACs in other (uncompressible) ops above which reports warn.
+OTHER_OPS_WARN_SHARE = 0.1
+#: Layer kinds that are no Conv2d/Linear module call: vbxfx can never compress them.
+NOT_MODULE_KINDS = ("functional_conv2d", "functional_linear", "conv1d", "conv3d",
+                    "conv_transpose")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpInfo:
+    """A multiply-heavy op outside the Conv/Linear layers, with its standard MACs at batch 1.
+
+    ``name`` is the module the op runs in (the node name when none is known), ``ops`` the
+    ATen operators counted (``"bmm"``, ``"_native_multi_head_attention"``, ...). The hardware
+    runs these ops dense, so ``macs`` is also their hardware cost before and after compression.
+
+    >>> OpInfo("attn", ("bmm",), "matmul_1", 4096, "MultiheadAttention").macs
+    4096
+    """
+
+    name: str
+    ops: tuple[str, ...]
+    node_name: str
+    macs: int
+    module_type: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ops": list(self.ops), "node_name": self.node_name,
+                "macs": int(self.macs), "module_type": self.module_type}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> OpInfo:
+        try:
+            return cls(d["name"], tuple(d["ops"]), d["node_name"], int(d["macs"]),
+                       d.get("module_type", ""))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"OpInfo.from_dict needs name, ops, node_name, macs: {d!r}") from e
+
+
 class LayerTable:
-    """The layers of a model in graph order, keyed by fully-qualified name.
+    """The layers of a model in graph order, keyed by fully-qualified name, and the other
+    multiply-heavy ops (:class:`OpInfo`) the forward runs.
 
     >>> table = vbxfx.analyze(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
     ... # doctest: +SKIP
@@ -173,7 +225,8 @@ class LayerTable:
     (1814073344, 21, 'linear')
     """
 
-    def __init__(self, layers: Iterable[LayerInfo] = ()):
+    def __init__(self, layers: Iterable[LayerInfo] = (), ops: Iterable[OpInfo] = ()):
+        self.ops: tuple[OpInfo, ...] = tuple(ops)
         self._layers: dict[str, LayerInfo] = {}
         for layer in layers:
             if layer.name in self._layers:
@@ -198,7 +251,8 @@ class LayerTable:
             raise KeyError(self._unknown(name)) from None
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, LayerTable) and list(self) == list(other)
+        return (isinstance(other, LayerTable) and list(self) == list(other)
+                and self.ops == other.ops)
 
     def __repr__(self) -> str:
         return (f"LayerTable({len(self)} layers, {len(self.eligible())} eligible, "
@@ -214,8 +268,28 @@ class LayerTable:
     # ----------------------------------------------------------------- totals
     @property
     def total_macs(self) -> int:
-        """Standard MACs of every layer, batch 1."""
+        """Standard MACs of the whole model at batch 1: every layer and every other op."""
+        return self.layer_macs + self.other_macs
+
+    @property
+    def layer_macs(self) -> int:
+        """Standard MACs of the Conv/Linear layers (called or functional), batch 1."""
         return sum(layer.macs for layer in self)
+
+    @property
+    def other_macs(self) -> int:
+        """Standard MACs of the multiply-heavy ops outside the layers (dense on hardware)."""
+        return sum(op.macs for op in self.ops)
+
+    @property
+    def other_share(self) -> float:
+        """Share of the dense hardware MACs in multiply-heavy ops that are not Conv2d/Linear
+        module calls (:attr:`ops`, functional conv/linear calls, Conv1d/3d, transposed
+        convolutions): they stay dense whatever the compression."""
+        dense = self.hw_macs()
+        other = self.other_macs + sum(layer.cost(4) for layer in self
+                                      if layer.kind in NOT_MODULE_KINDS)
+        return other / dense if dense else 0.0
 
     @property
     def eligible_macs(self) -> int:
@@ -223,10 +297,11 @@ class LayerTable:
         return sum(layer.macs for layer in self if layer.eligible)
 
     def hw_macs(self, repeat_by_layer: Mapping[str, int] | None = None) -> int:
-        """Hardware MAC total with the given repeats per layer name.
+        """Hardware MAC total of the whole model with the given repeats per layer name.
 
         Layers not listed are dense (repeat 4). Ineligible layers stay dense whatever is
-        listed for them (see :meth:`LayerInfo.cost`).
+        listed for them (see :meth:`LayerInfo.cost`); the other ops (:attr:`ops`) count at
+        their standard MACs.
 
         Raises:
             ConfigError: an unknown layer name (the message lists the closest names).
@@ -237,13 +312,16 @@ class LayerTable:
             if name not in self._layers:
                 raise ConfigError(self._unknown(name))
             check_repeat(repeat)
-        return sum(layer.cost(repeats.get(layer.name, 4)) for layer in self)
+        return sum(layer.cost(repeats.get(layer.name, 4)) for layer in self) + self.other_macs
 
     # ----------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         return {
             "layers": [layer.to_dict() for layer in self],
+            "ops": [op.to_dict() for op in self.ops],
             "total_macs": self.total_macs,
+            "layer_macs": self.layer_macs,
+            "other_macs": self.other_macs,
             "eligible_macs": self.eligible_macs,
             "hw_macs_dense": self.hw_macs(),
         }
@@ -252,7 +330,8 @@ class LayerTable:
     def from_dict(cls, d: Mapping[str, Any]) -> LayerTable:
         if "layers" not in d:
             raise ConfigError("LayerTable.from_dict needs a 'layers' list (from to_dict())")
-        return cls(LayerInfo.from_dict(x) for x in d["layers"])
+        return cls((LayerInfo.from_dict(x) for x in d["layers"]),
+                   (OpInfo.from_dict(x) for x in d.get("ops", ())))
 
     def to_json(self, **kw: Any) -> str:
         kw.setdefault("indent", 2)
@@ -283,11 +362,36 @@ class LayerTable:
                      for i, w in enumerate(widths)]
             lines.append("  ".join(cells + [row[-1]]).rstrip())
         lines.insert(1, "-" * (sum(widths) + 2 * len(widths) + len(header[-1])))
-        lines.append(
-            f"{len(self)} layers, {len(self.eligible())} eligible; MACs {self.total_macs:,} "
-            f"(eligible {self.eligible_macs:,}); hardware MACs dense {self.hw_macs():,}"
-        )
+        lines += self._ops_lines()
+        lines += self.summary_lines()
         return "\n".join(lines)
+
+    def _ops_lines(self, shown: int = 8) -> list[str]:
+        if not self.ops:
+            return []
+        lines = ["", f"other multiply-heavy ops ({len(self.ops)}, dense, not compressible):"]
+        biggest = sorted(self.ops, key=lambda op: -op.macs)
+        for op in biggest[:shown]:
+            where = f"{op.name} ({op.module_type})" if op.module_type else op.name
+            lines.append(f"  {where}: {', '.join(op.ops)}, {op.macs:,} MACs")
+        if len(biggest) > shown:
+            rest = sum(op.macs for op in biggest[shown:])
+            lines.append(f"  ... {len(biggest) - shown} more, {rest:,} MACs")
+        return lines
+
+    def summary_lines(self) -> list[str]:
+        """The totals, each figure named as the README defines it."""
+        lines = [
+            f"{len(self)} layers, {len(self.eligible())} eligible",
+            f"standard MACs: {self.total_macs:,} (Conv/Linear layers {self.layer_macs:,}, of "
+            f"which eligible {self.eligible_macs:,}; other ops {self.other_macs:,})",
+            f"dense hardware MACs (R=4, input channels padded to 8): {self.hw_macs():,}",
+        ]
+        if self.other_share >= OTHER_OPS_WARN_SHARE:
+            lines.append(f"warning: {self.other_share:.1%} of the dense hardware MACs are in "
+                         "ops that are not Conv2d/Linear layer calls (other ops, functional "
+                         "calls, Conv1d/3d, transposed convs): they stay dense")
+        return lines
 
     def _unknown(self, name: object) -> str:
         close = difflib.get_close_matches(str(name), self.names(), n=3)

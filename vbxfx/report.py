@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["format_report", "plot_allocation", "human"]
+__all__ = ["format_report", "totals_lines", "plot_allocation", "human"]
 
 
 def human(n: float) -> str:
@@ -24,10 +24,13 @@ def _level(row: dict[str, Any]) -> str:
 
 
 def format_report(report: dict[str, Any], max_rows: int | None = None) -> str:
-    """Per-layer table (name, shape, level, MACs before/after, projection error, paired share)
-    and totals."""
+    """Per-layer table (name, shape, level, hardware MACs dense / after, projection error,
+    paired share) and totals, every MAC figure named as the README defines it ("What the MAC
+    figures mean")."""
     rows = report["layers"]
-    head = ("layer", "shape", "level", "MACs before", "MACs after", "proj. err", "paired")
+    hw = report.get("mac_kind", "hardware") == "hardware"
+    unit = "HW MACs" if hw else "MACs"
+    head = ("layer", "shape", "level", f"{unit} dense", f"{unit} after", "proj. err", "paired")
     body = []
     shown = rows if max_rows is None else rows[:max_rows]
     for r in shown:
@@ -48,18 +51,42 @@ def format_report(report: dict[str, Any], max_rows: int | None = None) -> str:
     out += [line(b) for b in body]
     if max_rows is not None and len(rows) > max_rows:
         out.append(f"... {len(rows) - max_rows} more layers (--json for all)")
+    out.append("")
+    out += totals_lines(report)
+    return "\n".join(out)
+
+
+def totals_lines(report: dict[str, Any]) -> list[str]:
+    """The totals of a compression report: standard MACs, dense hardware MACs, hardware MACs
+    after, the share removed (of the dense hardware MACs) and the target."""
     t = report["totals"]
     removed = t.get("macs_removed", 0.0)
     ratio = t["macs_before"] / t["macs_after"] if t["macs_after"] else float("inf")
-    out.append("")
-    out.append(f"layers: {t['layers']} ({t['compressed']} compressed)   "
-               f"hardware MACs: {human(t['macs_before'])} -> {human(t['macs_after'])} "
-               f"({100 * removed:.1f}% removed, {ratio:.2f}x fewer)")
+    hw = report.get("mac_kind", "hardware") == "hardware"
+    out = [f"layers: {t['layers']} ({t['compressed']} compressed)"]
+    if "macs" in t:
+        out.append(f"standard MACs (the float model's multiplies): {human(t['macs'])}")
+    if hw:
+        out.append(f"hardware MACs: {human(t['macs_before'])} dense (R=4, input channels padded "
+                   f"to 8) -> {human(t['macs_after'])} after compression: {100 * removed:.1f}% "
+                   f"of the dense hardware MACs removed ({ratio:.2f}x fewer)")
+    else:
+        out.append(f"multiplies: {human(t['macs_before'])} dense -> {human(t['macs_after'])} "
+                   f"after int8 (pairs once): {100 * removed:.1f}% removed ({ratio:.2f}x fewer)")
+    if t.get("other_macs"):
+        out.append(f"  of which {human(t['other_macs'])} in other multiply-heavy ops (attention "
+                   "matmuls, ...), dense before and after")
     target = report.get("target")
     if target is not None:
-        out.append(f"target: {target:.3f} of {report.get('budget')} removed, achieved "
-                   f"{report.get('achieved', 0):.3f} (sensitivity: {report.get('sensitivity')})")
-    return "\n".join(out)
+        budget = report.get("budget")
+        what = "dense hardware MACs" if budget == "macs" and hw else (
+            "MACs" if budget == "macs" else "weights")
+        eligible = report.get("achieved_of_eligible", report.get("achieved", 0))
+        out.append(f"target: {target:.3f} of the eligible layers' {what} removed; reached "
+                   f"{eligible:.3f} of them, {report.get('achieved', 0):.3f} of the whole "
+                   f"model's (sensitivity: {report.get('sensitivity')})")
+    out += [f"warning: {w}" for w in report.get("warnings", ())]
+    return out
 
 
 def plot_allocation(report: dict[str, Any], path: str) -> None:

@@ -20,10 +20,7 @@ import contextlib
 import copy
 import difflib
 import io
-import linecache
 import logging
-import os
-import types
 import warnings
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -34,6 +31,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from vbxfx.errors import ConfigError, TraceError
+from vbxfx.trace_errors import one_line as _one_line
+from vbxfx.trace_errors import trace_error as _trace_error
 from vbxfx.layers import LAYER_TYPES
 
 __all__ = ["trace", "analyze", "FRONTENDS", "FRONTEND_KEY", "ROOT_KEY", "INPUTS_KEY", "get_root",
@@ -51,8 +50,6 @@ FRONTEND_KEY = "vbxfx.frontend"
 ROOT_KEY = "vbxfx.root"
 INPUTS_KEY = "vbxfx.example_inputs"
 
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_VBXFX_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # Module attributes that nn.Module manages itself; everything else in ``__dict__`` is plain
 # state a forward pass may overwrite (ultralytics' Detect caches ``anchors`` there).
 _MANAGED = frozenset({"_parameters", "_buffers", "_modules"})
@@ -318,58 +315,3 @@ def _check_leaf_modules(model: nn.Module, leaf_modules: Any) -> tuple[tuple, fro
                 f"got {item!r}"
             )
     return tuple(types_), frozenset(names)
-
-
-# --------------------------------------------------------------------------- errors
-
-
-def _one_line(e: BaseException, limit: int = 240) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _user_frame(e: BaseException) -> types.FrameType | None:
-    """The innermost traceback frame outside torch and vbxfx: the model code that failed."""
-    tb, found = e.__traceback__, None
-    while tb is not None:
-        filename = tb.tb_frame.f_code.co_filename
-        generated = filename.startswith("<eval_with_key")  # fx's generated forward()
-        if not generated and not os.path.abspath(filename).startswith((_TORCH_DIR, _VBXFX_DIR)):
-            found = tb
-        tb = tb.tb_next
-    return found
-
-
-def _where(e: BaseException, root: nn.Module) -> str | None:
-    tb = _user_frame(e)
-    if tb is None:
-        return None
-    frame, lineno = tb.tb_frame, tb.tb_lineno
-    code = frame.f_code
-    source = linecache.getline(code.co_filename, lineno).strip()
-    owner = frame.f_locals.get("self")
-    names = {id(m): n for n, m in root.named_modules()}
-    if isinstance(owner, nn.Module) and id(owner) in names:
-        fqn = names[id(owner)]
-        who = f"{type(owner).__name__} at {fqn!r}" if fqn else f"{type(owner).__name__} (the root)"
-    else:
-        who = f"{code.co_name}()"
-    return f"{who}, {code.co_filename}:{lineno}" + (f": `{source}`" if source else "")
-
-
-def _trace_error(model: nn.Module, root: nn.Module, inputs: tuple,
-                 errors: dict[str, BaseException]) -> TraceError:
-    first = errors.get("symbolic_trace") or errors["export"]
-    where = _where(first, root) or _where(errors.get("export", first), root)
-    shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-    lines = [f"could not trace {type(model).__name__}"
-             + (f": tracing stopped in {where}" if where else "")]
-    for name, err in errors.items():
-        lines.append(f"  {name}: {type(err).__name__}: {_one_line(err)}")
-    lines.append(
-        "  What to do: keep the module that stops tracing opaque with "
-        "vbxfx.trace(..., leaf_modules=(TheModuleClass, 'its.fqn')), remove data-dependent "
-        f"Python control flow, or check the example input shapes ({shapes})."
-    )
-    return TraceError("\n".join(lines))

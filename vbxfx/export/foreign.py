@@ -33,7 +33,7 @@ import onnx
 import torch
 from torch import nn
 
-from vbxfx.errors import CheckError, ExportError, FormatError
+from vbxfx.errors import CheckError, FormatError
 from vbxfx.export.annotations import LayerAnnotation
 from vbxfx.export.graph import OnnxGraph
 from vbxfx.export.reader import AnnotatedNode
@@ -63,20 +63,12 @@ def _declared_from_model(model: nn.Module) -> tuple[nn.Module, dict[str, LayerAn
 
 def _map_by_model(graph: OnnxGraph, plain: nn.Module, names: list[str],
                   problems: list[str]) -> dict[str, Any]:
-    from vbxfx.export.onnx_export import map_layers
+    from vbxfx.export.mapping import map_layers
 
-    try:
-        return map_layers(graph, plain, names)
-    except ExportError:
-        pass
-    found = {}
+    missing: dict[str, str] = {}
+    found = map_layers(graph, plain, names, missing=missing)
     named = _refs_by_name(graph)
-    for name in names:                      # one at a time: name the layers that are missing
-        try:
-            found.update(map_layers(graph, plain, [name]))
-            continue
-        except ExportError as e:
-            error = e
+    for name, why in missing.items():
         ref = named.get(name)
         shape = tuple(plain.get_submodule(name).weight.shape)
         if ref is not None and tuple(ref.torch_layout().shape) == shape:
@@ -85,7 +77,8 @@ def _map_by_model(graph: OnnxGraph, plain: nn.Module, names: list[str],
                         "model's (up to a per-channel scale)", name, ref.node.name)
             found[name] = ref
         else:
-            problems.append(f"{error} - the file does not hold this compressed layer")
+            problems.append(f"layer {name!r}: {why} - the file does not hold this compressed "
+                            "layer")
     return found
 
 
@@ -140,7 +133,7 @@ def load_layers_file(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 def _node_names(node: onnx.NodeProto) -> set[str]:
-    from vbxfx.export.onnx_export import _scopes, _torchscript_fqn
+    from vbxfx.export.mapping import _scopes, _torchscript_fqn
 
     names = set(_scopes(node))
     fqn = _torchscript_fqn(node.name)
@@ -217,7 +210,7 @@ def annotate_onnx(src: str | os.PathLike, model: nn.Module, dst: str | os.PathLi
         ExportError: a compressed layer that the file does not hold, or whose weight in the
             file does not fit its pattern.
     """
-    from vbxfx.export.onnx_export import annotate
+    from vbxfx.export.mapping import annotate
     from vbxfx.export.reader import load_onnx
 
     src_path, dst_path = os.fspath(src), os.fspath(dst)

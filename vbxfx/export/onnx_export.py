@@ -11,7 +11,14 @@ Both work on a deep copy of the model, so the caller's model (and an ultralytics
 head's cached anchors) is never touched. Each annotated layer is then found in the ONNX
 graph by its weight: the initializer named ``<fqn>.weight``, the node's module path
 (dynamo's ``pkg.torch.onnx.name_scopes``, TorchScript's ``/a/a.0/conv/Conv`` node names),
-and always a value match up to one scale per output channel (a folded BatchNorm).
+and always a value match up to one scale per output channel (a folded BatchNorm), see
+:mod:`vbxfx.export.mapping`.
+
+A compressed layer the forward does not call (an auxiliary head that runs in training only, a
+layer whose weight its parent reads directly, as ``nn.MultiheadAttention`` does with
+``out_proj``) is no error: a short run on the example inputs finds those layers before the
+export, they keep the weight torch computes with (the dense one) and no annotation, and
+``report.skipped`` says why. So does a layer whose weight the exporter folded away.
 
 >>> import torch, tempfile, os, vbxfx
 >>> from vbxfx.export.annotations import LayerAnnotation
@@ -27,11 +34,9 @@ and always a value match up to one scale per output channel (a folded BatchNorm)
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import copy
 import io
-import json
 import logging
 import os
 import shutil
@@ -43,22 +48,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
 
 from vbxfx.errors import ConfigError, ExportError, VbxError
-from vbxfx.export.annotations import (LAYERS_KEY, PRODUCER_KEY, SCHEMA, SCHEMA_KEY, LayerAnnotation,
-                                      encode_layer, normalize_annotations)
-from vbxfx.export.graph import OnnxGraph, WeightRef
-from vbxfx.export.verify import verify_layer
+from vbxfx.export.annotations import LayerAnnotation, normalize_annotations
+from vbxfx.export.mapping import annotate, map_layers
 
 __all__ = ["export_onnx", "ExportReport", "choose_exporter", "map_layers", "safe_deepcopy"]
 
 logger = logging.getLogger(__name__)
-
-_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
 @dataclass(frozen=True)
@@ -71,16 +71,23 @@ class ExportReport:
     layers: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     size_bytes: int = 0
+    #: compressed layers left without annotation: ``{fqn: reason}``
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        return (f"exported {self.path} ({self.size_bytes / 1e6:.1f} MB) with the {self.exporter} "
+        text = (f"exported {self.path} ({self.size_bytes / 1e6:.1f} MB) with the {self.exporter} "
                 f"exporter, opset {self.opset}, {len(self.layers)} annotated layer(s), "
                 f"{self.seconds:.1f} s")
+        if self.skipped:
+            text += (f"; {len(self.skipped)} compressed layer(s) not annotated: "
+                     + "; ".join(f"{k}: {v}" for k, v in list(self.skipped.items())[:3])
+                     + (" ..." if len(self.skipped) > 3 else ""))
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "exporter": self.exporter, "opset": self.opset,
                 "layers": dict(self.layers), "seconds": self.seconds,
-                "size_bytes": self.size_bytes}
+                "size_bytes": self.size_bytes, "skipped": dict(self.skipped)}
 
 
 def choose_exporter(model: nn.Module) -> bool:
@@ -106,11 +113,13 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             exporter's own).
 
     Returns:
-        An :class:`ExportReport`; ``report.layers`` maps each annotated fqn to its node.
+        An :class:`ExportReport`; ``report.layers`` maps each annotated fqn to its node,
+        ``report.skipped`` each compressed layer left unannotated to the reason (not called
+        by the forward, or its weight folded away by the exporter).
 
     Raises:
-        ExportError: the model cannot be copied or exported, a layer is not found in the
-            ONNX graph, or its weight does not hold its annotation (the message names it).
+        ExportError: the model cannot be copied or exported, or an annotated weight does not
+            hold its annotation (the message names it).
         ConfigError: a bad argument.
     """
     start = time.perf_counter()
@@ -122,7 +131,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         raise ExportError(f"could not deep-copy {type(model).__name__} before exporting "
                           f"({type(e).__name__}: {_one_line(e)}); vbxfx never exports the "
                           "caller's model itself") from e
+    skipped = _uncalled_to_dense(work, inputs, annotations)
     work, notes = _finalize(work, annotations)
+    for name in skipped:
+        notes.pop(name, None)
     _check_layers(work, notes)
     work, inputs = _as_float32(work, inputs)
     use_dynamo = choose_exporter(work) if dynamo is None else dynamo
@@ -136,7 +148,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         used = _export(model, work, inputs, tmp, opset, use_dynamo, dynamo is None,
                        input_names, output_names)
         proto = onnx.load(tmp)  # external data too: the file written below holds everything
-        layers = annotate(proto, work, notes)
+        layers = annotate(proto, work, notes, skipped)
         onnx.save(proto, tmp)
         try:
             onnx.checker.check_model(tmp, full_check=True)
@@ -147,7 +159,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         shutil.rmtree(scratch, ignore_errors=True)
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     report = ExportReport(path, used, int(opset_used), layers, time.perf_counter() - start,
-                          os.path.getsize(path))
+                          os.path.getsize(path), skipped)
     logger.info("%s", report)
     return report
 
@@ -231,6 +243,48 @@ def _as_float32(work: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple]:
     logger.warning("export_onnx: the model (or its example inputs) is %s; the ONNX file is "
                    "float32, as onnxruntime and the VectorBlox toolchain take it", names)
     return work.float(), tuple(t.float() if t.is_floating_point() else t for t in inputs)
+
+
+def _uncalled_to_dense(work: nn.Module, inputs: tuple,
+                       annotations: Mapping[str, Any] | None) -> dict[str, str]:
+    """Find the compressed / annotated layers whose forward the export will not run; give each
+    such compressed layer back its dense weight (what torch computes with when a parent reads
+    ``.weight`` itself); return ``{fqn: reason}``."""
+    from vbxfx.modules import is_compressed
+    from vbxfx.modules.swap import replace_module
+    from vbxfx.weight_use import called_layers
+
+    names = [n for n, m in work.named_modules() if is_compressed(m)]
+    for name in annotations or ():
+        try:
+            if hasattr(work.get_submodule(name), "weight") and name not in names:
+                names.append(name)
+        except AttributeError:
+            pass  # _check_layers names it
+    if not names:
+        return {}
+    try:
+        ran, direct = called_layers(work, inputs, names)
+    except Exception as e:  # the export itself will say what is wrong with the model
+        logger.debug("could not check which layers the forward calls: %s", _one_line(e))
+        return {}
+    skipped = {}
+    for name in names:
+        if name in ran:
+            continue
+        skipped[name] = direct.get(name, "not called by the forward on the example inputs "
+                                         "(eval mode): an unused branch, or a parent reads "
+                                         "its weight itself; exported with its dense weight")
+        layer = work.get_submodule(name)
+        if is_compressed(layer):
+            plain = layer.to_dense()
+            with torch.no_grad():
+                plain.weight.copy_(layer.weight)   # the dense weight: what torch uses
+            replace_module([work], name, layer, plain)
+    if skipped:
+        logger.warning("%d compressed layer(s) that the forward does not call are not "
+                       "annotated: %s", len(skipped), ", ".join(list(skipped)[:5]))
+    return skipped
 
 
 def _finalize(work: nn.Module, annotations: Mapping[str, Any] | None
@@ -375,135 +429,3 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     text = lines[0] if lines else type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# --------------------------------------------------------------------------- mapping
-
-
-def _torchscript_fqn(node_name: str) -> str | None:
-    """``/features/features.4/block/block.2/fc1/Conv`` -> ``features.4.block.2.fc1``."""
-    parts = [p for p in node_name.split("/") if p][:-1]
-    if not node_name.startswith("/") or not parts:
-        return None
-    pieces, prev = [], None
-    for p in parts:
-        pieces.append(p[len(prev) + 1:] if prev and p.startswith(prev + ".") else p)
-        prev = p
-    return ".".join(pieces)
-
-
-def _scopes(node: onnx.NodeProto) -> list[str]:
-    for prop in node.metadata_props:
-        if prop.key == _SCOPES_KEY:
-            try:
-                value = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                return []
-            return [str(v) for v in value] if isinstance(value, (list, tuple)) else []
-    return []
-
-
-def proportional(torch_w: np.ndarray, onnx_w: np.ndarray, tol: float = 1e-5) -> bool:
-    """Whether ``onnx_w == s[o] * torch_w`` for one scale per output channel (BN folding)."""
-    if torch_w.shape != onnx_w.shape:
-        return False
-    a = torch_w.reshape(torch_w.shape[0], -1).astype(np.float64)
-    b = onnx_w.reshape(onnx_w.shape[0], -1).astype(np.float64)
-    if (b[a == 0] != 0).any():
-        return False
-    den = (a * a).sum(axis=1)
-    s = np.where(den > 0, (a * b).sum(axis=1) / np.where(den > 0, den, 1), 0.0)
-    resid = np.abs(b - s[:, None] * a).max(axis=1)
-    return bool((resid <= tol * np.abs(b).max(axis=1) + 1e-30).all())
-
-
-def map_layers(graph: OnnxGraph, work: nn.Module, names: Sequence[str]) -> dict[str, WeightRef]:
-    """The Conv/Gemm/MatMul node of every torch layer in ``names`` (see module docstring).
-
-    Raises:
-        ExportError: a layer whose weight no node of the graph holds.
-    """
-    refs = [r for r in (graph.weight(n) for n in graph.layer_nodes()) if r is not None]
-    taken: set[int] = set()
-    found: dict[str, WeightRef] = {}
-    for name in names:
-        w = work.get_submodule(name).weight.detach().to(torch.float32).cpu().numpy()
-        same_shape = [(i, r) for i, r in enumerate(refs)
-                      if i not in taken and r.torch_layout().shape == w.shape]
-
-        def hinted(item: tuple[int, WeightRef]) -> int:
-            r = item[1]
-            if r.source == f"{name}.weight":
-                return 0
-            if name in _scopes(r.node) or _torchscript_fqn(r.node.name) == name:
-                return 1
-            return 2
-
-        matches = [(hinted(c), c) for c in same_shape if proportional(w, c[1].torch_layout())]
-        if not matches:
-            shapes = sorted({str(r.torch_layout().shape) for r in refs})
-            raise ExportError(
-                f"layer {name!r}: no Conv/Gemm/MatMul node of the exported graph holds its weight "
-                f"{tuple(w.shape)} (not even up to a per-channel scale); nodes with constant "
-                f"weights have shapes {', '.join(shapes[:8])}{' ...' if len(shapes) > 8 else ''}")
-        matches.sort(key=lambda m: (m[0], m[1][0]))
-        hint, (i, ref) = matches[0]
-        if hint == 2 and len(matches) > 1:
-            logger.warning("layer %r: %d nodes hold proportional weights and none is named after "
-                           "it; annotating %r", name, len(matches), ref.node.name)
-        taken.add(i)
-        found[name] = ref
-    return found
-
-
-def annotate(proto: onnx.ModelProto, work: nn.Module,
-             notes: Mapping[str, LayerAnnotation]) -> dict[str, str]:
-    """Write the annotations of ``notes`` into ``proto`` (in place); return ``{fqn: node}``.
-
-    Raises:
-        ExportError: a layer not found, or an ONNX weight that does not hold its annotation.
-    """
-    graph = OnnxGraph(proto)
-    refs = map_layers(graph, work, list(notes))
-    names = {n.name for n in proto.graph.node}
-    seen: set[str] = set()
-    for node in proto.graph.node:  # unique, non-empty names for the layer nodes
-        if node.name in seen or not node.name:
-            node.name = _fresh(f"vbxfx_{node.op_type}", names)
-        seen.add(node.name)
-    layers = {}
-    for name, ann in notes.items():
-        ref = refs[name]
-        verdict = verify_layer(torch.from_numpy(ref.torch_layout().astype(np.float32)), ann,
-                               f"layer {name!r} (ONNX node {ref.node.name!r})")
-        if not verdict.ok:
-            raise ExportError("; ".join(verdict.problems))
-        props = encode_layer(ann, ref.input_name)
-        keep = [(p.key, p.value) for p in ref.node.metadata_props if not p.key.startswith("vbxfx.")]
-        del ref.node.metadata_props[:]
-        for key, value in keep + list(props.items()):
-            ref.node.metadata_props.add(key=key, value=value)
-        layers[name] = ref.node.name
-    _set_model_props(proto, {SCHEMA_KEY: SCHEMA, PRODUCER_KEY: _producer(),
-                             LAYERS_KEY: json.dumps(layers)})
-    return layers
-
-
-def _fresh(base: str, names: set[str]) -> str:
-    k = 0
-    while f"{base}_{k}" in names:
-        k += 1
-    names.add(f"{base}_{k}")
-    return f"{base}_{k}"
-
-
-def _producer() -> str:
-    from vbxfx import __version__
-    return f"vbxfx {__version__}"
-
-
-def _set_model_props(proto: onnx.ModelProto, values: Mapping[str, str]) -> None:
-    keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in values]
-    del proto.metadata_props[:]
-    for key, value in keep + list(values.items()):
-        proto.metadata_props.add(key=key, value=value)

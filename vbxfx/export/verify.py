@@ -17,6 +17,14 @@ Two questions per layer (``docs/onnx_schema.md``):
 (True, True, 2)
 >>> verify_layer(-3.0 * w, ann, "conv").ok      # a folded BatchNorm keeps it
 True
+
+A weight that fits a smaller repeat than it declares is not wrong, but the compiler takes the
+smallest repeat every block fits, so the layer costs less than declared; ``warnings`` says so:
+
+>>> one = vbxfx.project_weight(torch.randn(8, 16), 1)
+>>> v = verify_layer(one, LayerAnnotation("fc", "comp", 2, vbxfx.encode_weight(one, 2)), "fc")
+>>> v.ok, v.compiler_repeat, v.warnings[0][:47]
+(True, 1, 'fc: declares repeat 2, but its int8 weights fit')
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ class LayerVerdict:
     mults: int                    # multiplies on the hardware, from the weight itself
     declared_mults: int           # multiplies the annotation promises
     problems: tuple[str, ...]
+    warnings: tuple[str, ...] = ()  # e.g. a declared repeat above the one the compiler picks
 
     @property
     def ok(self) -> bool:
@@ -171,6 +180,7 @@ def verify_layer(weight: torch.Tensor, ann: LayerAnnotation, where: str) -> Laye
     disagreements, paired = _agreement(weight, q, ann)
     problems = [f"{where}: {p}" for p in disagreements]
     declared_pairs = paired // 2
+    notes: tuple[str, ...] = ()
     if ann.fmt == "comp":
         compiler_repeat, fit_ok = _compiler_repeat(q, ann.repeat)
         if not fit_ok:
@@ -178,6 +188,10 @@ def verify_layer(weight: torch.Tensor, ann: LayerAnnotation, where: str) -> Laye
             problems.insert(0, f"{where}: int8 weight at {violation}")
         mults = _comp_mults(shape, compiler_repeat)
         declared = _comp_mults(shape, ann.repeat)
+        if fit_ok and compiler_repeat < ann.repeat:
+            notes = (f"{where}: declares repeat {ann.repeat}, but its int8 weights fit repeat "
+                     f"{compiler_repeat}: the compiler will use R={compiler_repeat}, "
+                     f"{declared - mults} fewer multiplies per output position than declared",)
     else:
         compiler_repeat = None
         mults = unstructured_macs(weight)
@@ -187,4 +201,5 @@ def verify_layer(weight: torch.Tensor, ann: LayerAnnotation, where: str) -> Laye
             problems.insert(0, f"{where}: the int8 weight needs {mults} multiplies per output "
                                f"position, the annotation promises {declared}")
     agrees = len(problems) == (0 if fit_ok else 1)
-    return LayerVerdict(fit_ok, agrees, compiler_repeat, mults, declared, tuple(problems))
+    return LayerVerdict(fit_ok, agrees, compiler_repeat, mults, declared, tuple(problems),
+                        notes)
