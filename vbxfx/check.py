@@ -335,7 +335,7 @@ def _check_layers(graph: OnnxGraph, nodes: list, report: CheckReport) -> None:
 def _weights_hint(graph: OnnxGraph, nodes: list, torch_model: torch.nn.Module) -> str | None:
     """A problem line when the torch model's layers do not hold the file's weights (a fresh
     model, or the dense one), else None: then a numerical mismatch is no surprise."""
-    from vbxfx.export.onnx_export import proportional
+    from vbxfx.export.mapping import proportional
     from vbxfx.modules import is_compressed
 
     differ, compared = [], 0
