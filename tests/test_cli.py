@@ -274,3 +274,29 @@ def test_more_bad_input_exits_2_with_one_line(args, message, tmp_path):
     assert message in out.stderr
     assert "Traceback" not in out.stderr
     assert len([ln for ln in out.stderr.splitlines() if "error:" in ln]) == 1, out.stderr
+
+
+FROZEN_FACTORY = """
+import torch
+from torch import nn
+
+def make():
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU(),
+                      nn.Conv2d(16, 16, 1))
+    m[4].weight.requires_grad_(False)          # a fixed layer, like ultralytics' DFL conv
+    return m
+"""
+
+
+def test_include_frozen_and_skipped_layers_on_the_command_line(tmp_path):
+    (tmp_path / "frozen.py").write_text(FROZEN_FACTORY)
+    spec = f"{tmp_path / 'frozen.py'}:make"
+    plain = run("compress", spec, "--input-shape", "1,3,16,16", "--json", cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    rows = {r["name"]: r for r in json.loads(plain.stdout)["report"]["layers"]}
+    assert rows["4"]["fmt"] == "dense" and "frozen" in rows["4"]["reason"]
+    forced = run("compress", spec, "--input-shape", "1,3,16,16", "--include-frozen", "--json",
+                 cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    rows = {r["name"]: r for r in json.loads(forced.stdout)["report"]["layers"]}
+    assert rows["4"]["fmt"] == "comp"

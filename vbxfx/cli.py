@@ -118,6 +118,8 @@ def _export_and_check(con: Console, model, example, path: str):
 
     with con.stage(f"export ONNX -> {path}"):
         export_report = vbxfx.export_onnx(model, example, path)
+    for name, why in getattr(export_report, "skipped", {}).items():
+        con.out(f"not annotated: {name}: {why}")
     with con.stage("check (onnx checker, int8 format rules, onnxruntime vs torch)"):
         check = vbxfx.check_onnx(path, torch_model=model, example_inputs=example)
     return _as_dict(export_report), check.to_dict(), bool(check.ok), check
@@ -176,7 +178,8 @@ def cmd_compress(args: argparse.Namespace, con: Console) -> int:
                             budget=args.budget, sensitivity=args.sensitivity,
                             json_file=args.json_file, exclude=tuple(args.exclude or ()),
                             calib_data=calib, fmt=args.fmt, allow_dense=args.allow_dense,
-                            reconstruct=refit, progress=con.progress)
+                            reconstruct=refit, progress=con.progress,
+                            include_frozen=args.include_frozen)
     out: dict[str, Any] = {"model": resolved.description, "report": result.report}
     con.out(format_report(result.report, max_rows=args.max_rows))
     line = _refit_line(result.report, None if calib is None else int(calib.shape[0]))
@@ -305,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --calib: do not refit the kept weights to the dense outputs")
     p.add_argument("--fmt", choices=("comp", "ucomp"), default="comp", help="structured (default) or unstructured")
     p.add_argument("--allow-dense", action="store_true", help="let the allocator keep sensitive layers dense")
+    p.add_argument("--include-frozen", action="store_true",
+                   help="also compress layers whose weight does not train (requires_grad=False, "
+                        "e.g. ultralytics' DFL conv); they stay dense by default")
     p.add_argument("-o", "--output", help="write annotated ONNX here and check it")
     p.add_argument("--save", help="also torch.save the compressed model (for fine-tuning)")
     p.add_argument("--plot", help="draw the per-layer allocation to a PNG (needs matplotlib)")

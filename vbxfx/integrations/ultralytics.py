@@ -148,7 +148,8 @@ class _CompressingTrainer:
         example = torch.zeros(1, channels, int(h), int(w))
         result = vbxfx.compress(model, example, compression=opts.compression, budget=opts.budget,
                                 json_file=opts.json_file, exclude=exclude, fmt=opts.fmt,
-                                pairing=opts.pairing, refresh_every=opts.refresh_every)
+                                pairing=opts.pairing, refresh_every=opts.refresh_every,
+                                include_frozen=opts.include_frozen)
         self.vbx_report = result.report
         totals = result.report["totals"]
         logger.info("vbxfx: %d of %d layers compressed, %.1f%% of the hardware MACs removed at "
@@ -197,8 +198,9 @@ def _frozen_layers(model: nn.Module, freeze: Any) -> list[str]:
     layers = freeze if isinstance(freeze, list) else range(freeze) \
         if isinstance(freeze, int) else []
     pieces = [f"model.{x}." for x in layers] + [".dfl"]
+    # weights frozen already (the DFL conv) are left dense by vbxfx.compress itself
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-            and any(p in f"{name}.weight" for p in pieces)]
+            and m.weight.requires_grad and any(p in f"{name}.weight" for p in pieces)]
 
 
 _CLASSES: dict[tuple[type, CompressOptions], type] = {}
