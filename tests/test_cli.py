@@ -300,3 +300,14 @@ def test_include_frozen_and_skipped_layers_on_the_command_line(tmp_path):
     assert forced.returncode == 0, forced.stderr
     rows = {r["name"]: r for r in json.loads(forced.stdout)["report"]["layers"]}
     assert rows["4"]["fmt"] == "comp"
+
+
+@pytest.mark.slow
+def test_json_stays_json_when_ultralytics_prints_its_settings_banner(tmp_path):
+    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(tmp_path / "fresh")}
+    out = subprocess.run(CMD + ["compress", "ultralytics:yolov8n.yaml", "--input-shape",
+                                "1,3,64,64", "--json"], capture_output=True, text=True,
+                         timeout=600, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["report"]["totals"]["compressed"] > 0
+    assert (tmp_path / "fresh").exists()          # ultralytics did write (and announce) settings

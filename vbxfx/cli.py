@@ -345,6 +345,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
+def _json_stdout(con: Console) -> Iterator[None]:
+    """Everything written to stdout goes to stderr - Python prints, loggers that hold the
+    stdout stream (ultralytics' settings banner), C code - except the console's own results,
+    which go to the real stdout (a duplicate of file descriptor 1)."""
+    try:
+        sys.stdout.flush()
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):   # stdout is no real file (captured)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    saved = os.dup(fd)
+    real = open(saved, "w", closefd=True, encoding="utf-8")
+    before = con.stdout
+    os.dup2(sys.stderr.fileno(), fd)
+    con.stdout = real
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        real.flush()
+        sys.stdout.flush()
+        os.dup2(saved, fd)
+        con.stdout = before
+        real.close()
+
+
+@contextlib.contextmanager
 def _logging(args: argparse.Namespace) -> Iterator[None]:
     """Log records through tqdm for the command's duration; the root logger's level and
     handlers are put back afterwards (main() may be called from Python, e.g. in tests)."""
@@ -381,7 +409,7 @@ def _run(args: argparse.Namespace) -> int:
         # with --json, stdout carries the JSON document alone: whatever a library prints
         # goes to stderr (the exporters' native output is caught in vbxfx.export)
         quiet_stdout = json_mode and args.command != "check"
-        with contextlib.redirect_stdout(sys.stderr) if quiet_stdout else contextlib.nullcontext():
+        with _json_stdout(con) if quiet_stdout else contextlib.nullcontext():
             return args.func(args, con)
     except (VbxError, OSError) as e:
         con.end(failed=True)
