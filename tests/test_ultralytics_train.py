@@ -292,3 +292,30 @@ def test_vbxfx_yolo_train_on_the_command_line(yolo_env):
     assert {l.repeat for l in _layers(best).values()} == {2}          # 0.5: every layer 2:4
     bad = subprocess.run(cmd + ["yolo", "train", "data=d.yaml"], capture_output=True, text=True)
     assert bad.returncode == 2 and "model=" in bad.stderr
+
+
+@pytest.mark.slow
+def test_the_whole_yolo_path_to_the_int8_tflite(trained, tmp_path):
+    """best.pt -> yolo's own ONNX export -> vbxfx check / annotate -> onnx2tf int8 TFLite ->
+    vbxfx check of the file vnnx_compile reads: every declared repeat holds there."""
+    from ultralytics import YOLO
+
+    from test_tflite_export import _onnx2tf
+    from vbxfx.check_tflite import check_tflite
+    from vbxfx.cli import main
+
+    exe = _onnx2tf()
+    _, run, _ = trained
+    best = run / "weights" / "best.pt"
+    onnx_path = Path(YOLO(str(best)).export(format="onnx", imgsz=64))
+    annotated = tmp_path / "best_vbx.onnx"
+    assert main(["annotate", str(onnx_path), "--model", str(best), "-o", str(annotated)]) == 0
+    tfl = tmp_path / "best.tflite"
+    assert main(["export", str(annotated), "--tflite", str(tfl), "--onnx2tf", exe,
+                 "--normalize", "none", "--calib", str(run.parents[1] / "data" / "images" /
+                                                        "train")]) == 0
+    report = check_tflite(tfl, expect=annotated)
+    declared = [r for r in report.layers if r.declared_fmt == "comp"]
+    assert report.ok, report.problems
+    assert len(declared) == len(_layers(_checkpoint_model(best)))
+    assert all(r.repeat == r.declared_repeat for r in declared)

@@ -217,6 +217,18 @@ def cmd_check(args: argparse.Namespace, con: Console) -> int:
     return run_check_command(args)
 
 
+def cmd_annotate(args: argparse.Namespace, con: Console) -> int:
+    from vbxfx.export.foreign import annotate_onnx
+    from vbxfx.model_spec import resolve_model
+
+    model = resolve_model(args.model, weights=args.weights).model
+    with con.stage(f"annotate {args.onnx} -> {args.output}"):
+        layers = annotate_onnx(args.onnx, model, args.output, overwrite=args.force)
+    con.out(f"wrote {args.output}: {len(layers)} compressed layer(s) annotated "
+            f"(check it with: vbxfx check {args.output})")
+    return EXIT_OK
+
+
 def cmd_yolo(args: argparse.Namespace, con: Console) -> int:
     from vbxfx.integrations.ultralytics import main as yolo_main
 
@@ -334,6 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="keep the ONNX file here (default: a temporary folder)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("annotate", parents=common,
+                       help="add vbxfx's annotations to an ONNX file another tool exported "
+                            "(yolo export), from the compressed model; writes a copy")
+    p.add_argument("onnx", help="the .onnx file (left as it is)")
+    p.add_argument("--model", required=True, metavar="SPEC",
+                   help="the compressed model, e.g. the best.pt the compressed trainer wrote")
+    p.add_argument("--weights", metavar="FILE", help="a state_dict loaded on top of --model")
+    p.add_argument("-o", "--output", required=True, help="the annotated copy")
+    p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    p.set_defaults(func=cmd_annotate)
 
     p = sub.add_parser("yolo", help="train a YOLO model compressed inside the ultralytics trainer: "
                        "vbxfx yolo train model=yolov8n.pt data=D.yaml compression=0.66 ...")
