@@ -219,3 +219,21 @@ def test_a_broken_0_1_0_state_names_the_layer():
     m, _ = _fresh_like_saved()
     with pytest.raises(RuntimeError, match=r"2: unreadable vbxfx 0.1.0 layer state"):
         m.load_state_dict(sd)
+
+
+def test_copies_decode_their_pattern_when_first_used():
+    m = _model().eval()
+    x = _x()
+    y = m(x)
+    c = copy.deepcopy(m)
+    assert "mask" not in c[0]._buffers                     # not decoded yet
+    c.half()                                               # a dtype change does not decode
+    assert "mask" not in c[0]._buffers
+    c.float()
+    torch.testing.assert_close(c(x), y, rtol=1e-3, atol=1e-3)   # forward decodes
+    assert c[0].vbx_coef_a.dtype == torch.float32 and "mask" in dict(c[0].named_buffers())
+    d = pickle.loads(pickle.dumps(copy.deepcopy(m)))       # a copy of a pending copy
+    assert torch.equal(d[3].pair_index, m[3].pair_index)  # reading a derived buffer decodes
+    f = copy.deepcopy(m)
+    f.load_state_dict(m.state_dict())
+    torch.testing.assert_close(f(x), y, rtol=0, atol=0)

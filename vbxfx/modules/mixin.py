@@ -254,6 +254,7 @@ class CompressedMixin(LayerStateMixin):
         self._buffers["vbx_coef_a"] = other.vbx_coef_a.to(dev, dtype, copy=True)
         self._buffers["vbx_coef_b"] = other.vbx_coef_b.to(dev, dtype, copy=True)
         self._vbx_paired = other._vbx_paired
+        self._vbx_pending = False
         self._vbx_steps = other._vbx_steps
         self._vbx_pattern_version += 1
 
@@ -315,11 +316,12 @@ class CompressedMixin(LayerStateMixin):
         self._vbx_pattern_version = getattr(self, "_vbx_pattern_version", 0) + 1
 
     def _vbx_put(self, name: str, value: torch.Tensor, persistent: bool = False) -> None:
-        """Set a buffer, registering it first where it is missing (fresh layer, unpickling)."""
-        if name in self._buffers:
-            self._buffers[name] = value
+        """Set (or register) one of the layer's own buffers."""
+        self._buffers[name] = value
+        if persistent:
+            self._non_persistent_buffers_set.discard(name)
         else:
-            self.register_buffer(name, value, persistent=persistent)
+            self._non_persistent_buffers_set.add(name)
 
     @torch.no_grad()
     def _vbx_decode_pattern(self) -> None:
@@ -361,6 +363,7 @@ class CompressedMixin(LayerStateMixin):
         self._vbx_put("vbx_coef_b", b.to(dtype))
         self._vbx_put("vbx_gather_index", idx.to(torch.int32 if n < 2 ** 31 else torch.int64))
         self._vbx_paired = bool((self.pair_index >= 0).any())
+        self._vbx_pending = False           # every derived buffer is in place
 
     def _vbx_extra_repr(self) -> str:
         level = f"repeat={self.repeat}" if self.fmt == "comp" else \

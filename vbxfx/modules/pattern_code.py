@@ -102,6 +102,20 @@ def pack_pattern(mask: torch.Tensor, pair_index: torch.Tensor, pair_sign: torch.
     return (pairs[:, 0] | (pairs[:, 1] << 4)).to(dtype)
 
 
+def _code_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kept, offset, sign)`` of each 4-bit structured code 0..15 (two's complement)."""
+    values = torch.arange(16)
+    values = torch.where(values > 7, values - 16, values)
+    magnitude = values.abs()
+    paired = magnitude >= 2
+    offset = torch.where(paired, torch.sign(values) * (magnitude // 2), 0)
+    sign = torch.where(paired, 1 - 2 * (magnitude % 2), 0)
+    return values != 0, offset, sign
+
+
+_TABLES = _code_tables()
+
+
 def unpack_pattern(code: torch.Tensor, shape: tuple[int, ...],
                    fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(mask bool, pair_index int64, pair_sign int8)`` of ``shape`` from a code buffer.
@@ -117,24 +131,24 @@ def unpack_pattern(code: torch.Tensor, shape: tuple[int, ...],
         raise FormatError(f"pattern code of dtype {code.dtype} and length {code.numel()} does not "
                           f"fit a {fmt!r} weight of shape {shape} ({dtype}, length {length})")
     flat = code.reshape(-1)
-    if fmt == "comp":
-        low = (flat & 0xF).to(torch.int64)
-        high = (flat >> 4).to(torch.int64)
-        values = torch.stack([low, high], dim=1).reshape(-1)[:n]
-        values = torch.where(values > 7, values - 16, values)   # 4-bit two's complement
+    dev = flat.device
+    if fmt == "comp":        # two 4-bit codes a byte: look each one up
+        nibbles = torch.stack([flat & 0xF, flat >> 4], dim=1).reshape(-1)[:n].to(torch.int64)
+        kept, offsets, signs = (t.to(dev) for t in _TABLES)
+        mask, offset, sign = kept[nibbles], offsets[nibbles], signs[nibbles]
     else:
         values = flat.to(torch.int64)
-    magnitude = values.abs()
-    paired = magnitude >= 2
-    offset = torch.sign(values) * (magnitude // 2)
+        magnitude = values.abs()
+        paired = magnitude >= 2
+        mask = values != 0
+        offset = torch.where(paired, torch.sign(values) * (magnitude // 2), 0)
+        sign = torch.where(paired, 1 - 2 * (magnitude % 2), 0)
     stride = _channel_stride(shape)
-    pos = torch.arange(n, device=flat.device)
-    channel = (pos // stride) % shape[1] if n else pos
-    target = channel + offset
-    if bool((paired & ((target < 0) | (target >= shape[1]))).any()):
+    paired_at = (offset != 0).nonzero().reshape(-1)
+    target = (paired_at // stride) % shape[1] + offset[paired_at]
+    if bool(((target < 0) | (target >= shape[1])).any()):
         raise FormatError(f"pattern code pairs a weight with a channel outside its vector "
                           f"(shape {shape})")
-    index = torch.where(paired, pos + offset * stride, torch.full_like(pos, -1))
-    sign = torch.where(paired, 1 - 2 * (magnitude % 2), torch.zeros_like(magnitude))
-    mask = values != 0
+    index = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    index[paired_at] = paired_at + offset[paired_at] * stride
     return (mask.view(shape), index.view(shape), sign.to(torch.int8).view(shape))
