@@ -117,10 +117,17 @@ class _CompressingTrainer:
 
     vbx_options: CompressOptions = CompressOptions()
 
-    def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
-        if getattr(self, "world_size", 1) > 1:
+    def train(self) -> Any:
+        self._vbx_one_device()
+        return super().train()
+
+    def _vbx_one_device(self) -> None:
+        if getattr(self, "world_size", 1) > 1 or getattr(self, "ddp", False):
             raise ConfigError("vbxfx's compressed trainer runs on one device; multi-GPU DDP "
                               "training is not supported (give device=0, not a list)")
+
+    def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
+        self._vbx_one_device()
         start = time.perf_counter()
         model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
         source = weights.get("ema") or weights.get("model") if isinstance(weights, Mapping) \
