@@ -254,7 +254,6 @@ class CompressedMixin(LayerStateMixin):
         self._buffers["vbx_coef_a"] = other.vbx_coef_a.to(dev, dtype, copy=True)
         self._buffers["vbx_coef_b"] = other.vbx_coef_b.to(dev, dtype, copy=True)
         self._vbx_paired = other._vbx_paired
-        self._vbx_pending = False
         self._vbx_steps = other._vbx_steps
         self._vbx_pattern_version += 1
 
@@ -363,7 +362,6 @@ class CompressedMixin(LayerStateMixin):
         self._vbx_put("vbx_coef_b", b.to(dtype))
         self._vbx_put("vbx_gather_index", idx.to(torch.int32 if n < 2 ** 31 else torch.int64))
         self._vbx_paired = bool((self.pair_index >= 0).any())
-        self._vbx_pending = False           # every derived buffer is in place
 
     def _vbx_extra_repr(self) -> str:
         level = f"repeat={self.repeat}" if self.fmt == "comp" else \

@@ -83,10 +83,10 @@ class LayerStateMixin:
             error_msgs.append(f"{where}: {e}")
 
     # ------------------------------------------------------------------ pickling
-    # Copies (pickles, deep copies) carry vbx_pattern alone; the derived buffers come back
-    # when first used - an attribute read (forward), a .to()/.half() - so that a copy made
-    # only to be saved (ultralytics deep-copies the EMA for every checkpoint) or a checkpoint
-    # loaded only to be exported never pays for them.
+    # A pickle (torch.save of the module, ultralytics' checkpoints) carries vbx_pattern and
+    # leaves out the derived buffers, rebuilt when it is loaded; a deep copy copies them
+    # (decoding again would cost 10x the copy on yolov8n). The rebuild is eager, never lazy:
+    # a tracer (torch.onnx.export, torch.export) must not meet the decoding ops.
     def __getstate__(self) -> dict[str, Any]:
         """The module's state without the buffers derived from ``vbx_pattern``."""
         state = self.__dict__.copy()
@@ -95,35 +95,16 @@ class LayerStateMixin:
             buffers.pop(name, None)
         state["_buffers"] = buffers
         state["_vbx_state_written"] = None
-        state["_vbx_pending"] = True
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if "vbx_pattern" not in self._buffers:      # a module pickled by vbxfx 0.1.0
             upgrade_v1_module(self)
-            self._vbx_decode_pattern()
-        self._vbx_pending = not all(k in self._buffers for k in _DERIVED)
+        self._vbx_decode_pattern()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        nn.Module.__setstate__(new, copy.deepcopy(self.__getstate__(), memo))
+        nn.Module.__setstate__(new, copy.deepcopy(self.__dict__, memo))
         return new
-
-    def __getattr__(self, name: str) -> Any:
-        if name in _DERIVED and self.__dict__.get("_vbx_pending") \
-                and name not in self.__dict__["_buffers"]:
-            self._vbx_decode_pattern()
-        return super().__getattr__(name)
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        code = self.__dict__.get("_buffers", {}).get("vbx_pattern")
-        before = None if code is None else code.device
-        out = super()._apply(fn, *args, **kwargs)
-        after = self._buffers["vbx_pattern"].device
-        if self.__dict__.get("_vbx_pending") and after != before and after.type != "meta":
-            # moved to another device (model.cuda(), then maybe DataParallel, whose replicas
-            # copy the buffers they find): decode there once; a dtype change (.half()) waits
-            self._vbx_decode_pattern()
-        return out
