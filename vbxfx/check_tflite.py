@@ -372,6 +372,8 @@ def is_tflite_path(path: str) -> bool:
 
 def run_tflite_check(args: argparse.Namespace) -> int:
     """``vbxfx check FILE.tflite [--expect FILE] [--json]``: print the report, return 0/1/2."""
+    from vbxfx.check_command import _fail
+
     onnx_only = [flag for flag, value in (("--model", getattr(args, "model", None)),
                                           ("--weights", getattr(args, "weights", None)),
                                           ("--input", getattr(args, "input", None)))
@@ -392,9 +394,3 @@ def run_tflite_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _fail(args: argparse.Namespace, message: str) -> int:
-    message = " ".join(message.split())
-    if getattr(args, "json", False):
-        print(json.dumps({"ok": False, "exit_code": 2, "error": message}))
-    print(f"vbxfx check: error: {message}", file=sys.stderr)
-    return 2
