@@ -4,10 +4,13 @@ Both runs in one process, same generated data (tools/yolo_data.py), same setting
 compressed run uses ``vbxfx.integrations.ultralytics.compressed_trainer``. Times come from
 the trainer's callbacks: each training step (forward, backward, optimizer step, EMA update),
 the training part of each epoch, and its validation plus checkpoint; medians, with the first
-epoch left out (warm-up, data cache). The one-off compression before training is timed apart. Targets (issue #13): epoch time
+epoch left out (warm-up, data cache). The one-off compression before training is timed apart.
+Since the two trainings run one after the other, load from other jobs can favour either: the
+first row times one training step of both models turn about, which load hits alike. Targets (issue #13): epoch time
 compressed / dense <= 1.15x, best.pt size <= 1.5x.
 
-    YOLO_OFFLINE=1 python tools/bench_yolo.py --epochs 4 --images 64 --imgsz 160 --threads 2
+    YOLO_OFFLINE=1 python tools/bench_yolo.py --epochs 6 --images 64 --imgsz 160 --threads 1
+    YOLO_OFFLINE=1 python tools/bench_yolo.py --steps-only --imgsz 640 --batch 4 --threads 1
 """
 
 from __future__ import annotations
@@ -50,13 +53,85 @@ def _run(root: Path, data: Path, name: str, args: argparse.Namespace, trainer=No
             project=str(root / "runs"), name=name, val=True, trainer=trainer)
     total = time.perf_counter() - t0
     best = root / "runs" / name / "weights" / "best.pt"
+    copies = _copy_times(best)
     per_epoch = max(1, len(times["batch"]) // max(1, len(times["train"])))
     skip = lambda xs, k: xs[k:] or xs          # noqa: E731 - leave the first epoch out
     setup = getattr(y.trainer, "vbx_setup_seconds", 0.0)
     return {"batch": statistics.median(skip(times["batch"], per_epoch)),
             "train": statistics.median(skip(times["train"], 1)),
             "val_save": statistics.median(skip(times["val_save"][:args.epochs], 1)),
-            "total": total, "size": best.stat().st_size, "setup": setup}
+            "total": total, "size": best.stat().st_size, "setup": setup, **copies}
+
+
+def _copy_times(best: Path, repeat: int = 3) -> dict:
+    """What ultralytics does with the model around a checkpoint: load it, deep-copy it to
+    float16, save it; best of ``repeat``."""
+    import copy
+    import io
+
+    import torch
+
+    def best_of(fn):
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+        return min(times), out
+
+    raw = best.read_bytes()
+    load, ckpt = best_of(lambda: torch.load(io.BytesIO(raw), weights_only=False))
+    model = (ckpt.get("ema") or ckpt["model"]).float()
+    half, copied = best_of(lambda: copy.deepcopy(model).half())
+    save, _ = best_of(lambda: torch.save({"ema": copied}, io.BytesIO()))
+    return {"load": load, "copy_half": half, "save": save}
+
+
+def _interleaved_steps(args: argparse.Namespace, rounds: int) -> tuple[float, float]:
+    """Median seconds of one training step of the dense and the compressed yolov8n, the two
+    run turn about (ABAB...) so that load from other jobs hits both alike: forward, a loss
+    over every output, backward, SGD step, ultralytics' ModelEMA update, and for the
+    compressed model the EMA following its patterns, as the trainer does."""
+    import torch
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils.torch_utils import ModelEMA
+
+    import vbxfx
+    from vbxfx.integrations.ultralytics import follow_patterns
+
+    torch.manual_seed(0)
+    dense = DetectionModel(args.model, nc=2, verbose=False)
+    comp = vbxfx.compress(dense, torch.zeros(1, 3, args.imgsz, args.imgsz),
+                          compression=args.compression).model
+    x = torch.randn(args.batch, 3, args.imgsz, args.imgsz)
+    runs = []
+    for model in (dense, comp):
+        model.train()
+        runs.append((model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9),
+                     ModelEMA(model), {}))
+
+    def flat(out):
+        if isinstance(out, torch.Tensor):
+            return [out]
+        items = out.values() if isinstance(out, dict) else out
+        return [t for o in items for t in flat(o)]
+
+    def step(model, opt, ema, seen):
+        t0 = time.perf_counter()
+        sum(t.float().square().mean() for t in flat(model(x))).backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update(model)
+        follow_patterns(model, ema.ema, seen)
+        return time.perf_counter() - t0
+
+    times: list[list[float]] = [[], []]
+    for r in range(rounds + 1):
+        for k, run in enumerate(runs):
+            t = step(*run)
+            if r:                               # the first round warms up
+                times[k].append(t)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -69,7 +144,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compression", type=float, default=0.66)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--steps-only", action="store_true",
+                   help="only the turn-about step timing (no training runs), e.g. at 640 px")
+    p.add_argument("--rounds", type=int, default=12, help="turn-about rounds (default 12)")
     args = p.parse_args(argv)
+    if args.steps_only:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        load = os.getloadavg()
+        steps = _interleaved_steps(args, rounds=args.rounds)
+        print(f"{args.model} at {args.imgsz} px, batch {args.batch}, threads "
+              f"{torch.get_num_threads()}, {args.rounds} rounds; load average {load[0]:.2f} -> "
+              f"{os.getloadavg()[0]:.2f}")
+        print(f"training step, dense/compressed in turn: {steps[0]:.3f} s / {steps[1]:.3f} s "
+              f"= {steps[1] / steps[0]:.2f}x")
+        return {"interleaved_steps": steps}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         offline_ultralytics(root)
@@ -84,23 +175,28 @@ def main(argv: list[str] | None = None) -> dict:
         load = os.getloadavg()
         dense = _run(root, data, "dense", args)
         comp = _run(root, data, "vbx", args, trainer=compressed_trainer(args.compression))
+        steps = _interleaved_steps(args, rounds=args.rounds)
         load_after = os.getloadavg()
     for r in (dense, comp):
         r["epoch"] = r["train"] + r["val_save"]
-    rows = [("training step (s)", dense["batch"], comp["batch"]),
+    rows = [("step, dense/compressed in turn (s)", steps[0], steps[1]),
+            ("training step (s)", dense["batch"], comp["batch"]),
             ("training part of an epoch (s)", dense["train"], comp["train"]),
             ("validation + checkpoint (s)", dense["val_save"], comp["val_save"]),
             ("epoch time (s)", dense["epoch"], comp["epoch"]),
             ("whole train() call (s)", dense["total"], comp["total"]),
-            ("best.pt size (MB)", dense["size"] / 1e6, comp["size"] / 1e6)]
+            ("best.pt size (MB)", dense["size"] / 1e6, comp["size"] / 1e6),
+            ("torch.load(best.pt) (s)", dense["load"], comp["load"]),
+            ("deepcopy(model).half() (s)", dense["copy_half"], comp["copy_half"]),
+            ("torch.save of that copy (s)", dense["save"], comp["save"])]
     print(f"{args.model} at {args.imgsz} px, {args.images} images, batch {args.batch}, "
           f"{args.epochs} epochs, {args.device}, threads {torch.get_num_threads()}; load "
           f"average {load[0]:.2f} -> {load_after[0]:.2f}")
-    print(f"{'medians, first epoch left out':31}{'dense':>10}{'compressed':>12}{'ratio':>8}")
+    print(f"{'medians, first epoch left out':36}{'dense':>10}{'compressed':>12}{'ratio':>8}")
     for label, a, b in rows:
-        print(f"{label:31}{a:10.3f}{b:12.3f}{b / a:8.2f}x")
+        print(f"{label:36}{a:10.3f}{b:12.3f}{b / a:8.2f}x")
     print(f"compression before training (inside the first train() call): {comp['setup']:.1f} s")
-    return {"dense": dense, "compressed": comp}
+    return {"dense": dense, "compressed": comp, "interleaved_steps": steps}
 
 
 if __name__ == "__main__":
