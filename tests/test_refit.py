@@ -261,3 +261,18 @@ def test_plain_masks_stay_plain_after_the_obs_refit():
         if w.shape[1] % 4 == 0:
             groups = nz.transpose(1, 2).reshape(-1, 4).sum(1)
             assert int(groups.max()) <= layer.repeat, name
+
+
+def test_variance_match_restores_each_channels_spread():
+    dense = _Chain()
+    x = torch.randn(800, 16)
+    model = copy.deepcopy(dense)
+    model.a = VBXLinear.from_dense(model.a, repeat=1)
+    model.b = VBXLinear.from_dense(model.b, repeat=1)
+    vbxfx.reconstruct(model, dense, x, variance_match=True, max_rows=10_000)
+    with torch.no_grad():
+        y, t = model(x), dense(x)
+    torch.testing.assert_close(y.var(0), t.var(0), rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(y.mean(0), t.mean(0), rtol=1e-3, atol=1e-4)
+    for layer in (model.a, model.b):
+        require_fit(layer.compressed_weight().detach(), 1, what="scaled")

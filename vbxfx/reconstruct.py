@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 METHODS = ("sequential", "local")
 #: The keyword options of :func:`reconstruct`.
 OPTIONS = ("method", "pattern", "dense_layers", "iters", "damp", "max_rows", "max_stats_bytes",
-           "layers", "seed", "progress", "local_weight")
+           "layers", "seed", "progress", "local_weight", "variance_match")
 #: ``progress(done, total, layer)``: called after each refit layer.
 Progress = Callable[[int, int, str], None]
 
@@ -95,13 +95,14 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _check(method: Any, pattern: Any, dense_layers: Any, iters: Any, damp: Any, max_rows: Any,
-           progress: Any, local_weight: Any) -> None:
+           progress: Any, local_weight: Any, variance_match: Any) -> None:
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     if pattern not in PATTERNS:
         raise ConfigError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
-    if not isinstance(dense_layers, bool):
-        raise ConfigError(f"dense_layers must be True or False, got {dense_layers!r}")
+    for name, value in (("dense_layers", dense_layers), ("variance_match", variance_match)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False, got {value!r}")
     _positive_int("iters", iters)
     _positive_int("max_rows", max_rows)
     for name, value in (("damp", damp), ("local_weight", local_weight)):
@@ -118,7 +119,7 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *,
                 iters: int = 30, damp: float = 0.01, max_rows: int = 4096,
                 max_stats_bytes: int = 2 ** 30, layers: Iterable[str] | None = None,
                 seed: int = 0, progress: Progress | None = None,
-                local_weight: float = 0.0) -> ReconstructResult:
+                local_weight: float = 0.0, variance_match: bool = False) -> ReconstructResult:
     """Refit the compressed layers of ``model`` (in place) to the outputs of ``reference``.
 
     Args:
@@ -143,13 +144,17 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *,
         progress: ``progress(done, total, layer)`` after each refit layer.
         local_weight: sequential only: also fit the dense model's inputs, with this weight
             (0: the compressed model's only; measured no better).
+        variance_match: sequential only: scale each refit output channel to the dense
+            output's variance on the calibration rows (a BatchNorm-statistics correction;
+            measured no better).
 
     Raises:
         ConfigError: no compressed layer, bad options, a layer missing in ``reference`` or of
             a different shape there, or calibration data the models cannot run; raised
             before any weight changes, except a failure in the middle of a sequential run.
     """
-    _check(method, pattern, dense_layers, iters, damp, max_rows, progress, local_weight)
+    _check(method, pattern, dense_layers, iters, damp, max_rows, progress, local_weight,
+           variance_match)
     batches = calib_batches(calib_data)
     modules = dict(model.named_modules())
     compressed = [n for n, m in modules.items() if is_compressed(m)]
@@ -180,7 +185,7 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *,
     priors = {n: weight_and_bias(ref_modules[n]).detach().clone() for n in names}
     graph = trace_for_refit(model) if method == "sequential" else None
     opts = dict(pattern=pattern, iters=iters, damp=float(damp))
-    seq_opts = dict(opts, local_weight=float(local_weight))
+    seq_opts = dict(opts, local_weight=float(local_weight), variance_match=variance_match)
     if graph is not None:
         dense = [n for n, m in modules.items() if dense_layers and is_depthwise(m)
                  and not is_compressed(m) and _same_shape(m, ref_modules.get(n))
@@ -233,7 +238,8 @@ def _sequential(graph, model, reference, batches, names, dense, priors, max_rows
         p = _problem(layer, x_c, y_d, max_rows, gen, x_d, opts.get("local_weight", 0.0))
         if name in priors:
             r = refit_compressed(name, layer, priors[name], p, pattern=opts["pattern"],
-                                 iters=opts["iters"], damp=opts["damp"])
+                                 iters=opts["iters"], damp=opts["damp"],
+                                 variance_match=opts["variance_match"])
         else:
             r = refit_dense(name, layer, p, opts["damp"])
         result.layers.append(r)

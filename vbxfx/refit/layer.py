@@ -81,11 +81,14 @@ def _set_pattern(layer: CompressedMixin, fitting: torch.Tensor) -> None:
 
 @torch.no_grad()
 def refit_compressed(name: str, layer: CompressedMixin, prior: torch.Tensor, p: Problem, *,
-                     pattern: str, iters: int, damp: float) -> LayerRefit:
+                     pattern: str, iters: int, damp: float,
+                     variance_match: bool = False) -> LayerRefit:
     """Refit a compressed layer in place (see the module docstring).
 
     ``prior``: the dense ``[W, b]`` rows (``weight_and_bias`` of the reference layer), the
-    damping's anchor and OBS's starting point.
+    damping's anchor and OBS's starting point. ``variance_match``: then scale each output
+    channel so that its variance on the calibration rows is the target's (least squares
+    shrinks it; a per-channel scale keeps the format), the bias keeping the mean.
     """
     current = weight_and_bias(layer)
     before = relative_error(current, p)
@@ -103,12 +106,29 @@ def refit_compressed(name: str, layer: CompressedMixin, prior: torch.Tensor, p: 
     after = relative_error(x, p)
     if not finite(x) or after >= before:
         return LayerRefit(name, before, before, False)
+    if variance_match:
+        x = _match_variance(x, p)
+        after = relative_error(x, p)
     if chosen is not None:
         dense_w = layer.weight.detach().clone()
         _set_pattern(layer, chosen)
         layer.weight.copy_(dense_w)
     added = _write(layer, x[:, :-1], x[:, -1], layer.mask)
     return LayerRefit(name, before, after, added, pattern_changed=chosen is not None)
+
+
+def _match_variance(x: torch.Tensor, p: Problem) -> torch.Tensor:
+    h = p.h / p.n
+    mean_x = x @ h[:, -1]                                   # E[x̃] is H's last column
+    var_x = ((x @ h) * x).sum(1) - mean_x.square()
+    mean_t = p.g[:, -1] / p.n
+    var_t = p.tc / p.n - mean_t.square()
+    scale = torch.where(var_x > 1e-12 * var_t.clamp_min(1e-300),
+                        (var_t.clamp_min(0) / var_x.clamp_min(1e-300)).sqrt(),
+                        torch.ones_like(var_x))
+    out = x * scale[:, None]
+    out[:, -1] += mean_t - scale * mean_x
+    return out
 
 
 @torch.no_grad()

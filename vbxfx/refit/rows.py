@@ -39,6 +39,7 @@ class Problem:
         self.g = torch.zeros(*((channels,) if channels else (out,)), k + 1, dtype=torch.float64,
                              device=device)
         self.tt = 0.0
+        self.tc = torch.zeros(self.g.shape[0], dtype=torch.float64, device=device)  # Σ t² per out
         self.n = 0
 
     def add(self, x: torch.Tensor, t: torch.Tensor | None, weight: float = 1.0) -> None:
@@ -69,7 +70,9 @@ class Problem:
                 self.g[:, :k] += weight * (t.T @ x).double()
                 self.g[:, k] += weight * t.sum(0).double()
         if t is not None:
-            self.tt += weight * float(t.double().square().sum())
+            sq = t.double().square()
+            self.tt += weight * float(sq.sum())
+            self.tc += weight * sq.sum(0)
         self.n += m * weight
 
 
