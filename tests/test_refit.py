@@ -276,3 +276,27 @@ def test_variance_match_restores_each_channels_spread():
     torch.testing.assert_close(y.mean(0), t.mean(0), rtol=1e-3, atol=1e-4)
     for layer in (model.a, model.b):
         require_fit(layer.compressed_weight().detach(), 1, what="scaled")
+
+
+@pytest.mark.parametrize("zero_pruned", [True, False])
+def test_pruned_weights_zeroed_or_kept_and_what_a_refresh_does(zero_pruned):
+    dense = vbxfx.demo.DemoNet()
+    x = torch.randn(16, 3, 64, 64)
+    model = vbxfx.compress(dense, x[:1], compression=0.66, reconstruct=False).model
+    vbxfx.reconstruct(model, dense, x.split(8), zero_pruned=zero_pruned)
+    changed = 0
+    for name, layer in vbxfx.modules.compressed_modules(model):
+        w = layer.weight.detach().clone()
+        before = layer.compressed_weight().detach().clone()
+        pruned = ~layer.mask
+        if zero_pruned:
+            assert bool((w[pruned] == 0).all()), name
+        else:
+            torch.testing.assert_close(w[pruned], dense.get_submodule(name).weight.detach()[pruned])
+        layer.refresh_pattern()
+        after = layer.compressed_weight().detach()
+        if zero_pruned:            # the refit pattern and values survive a refresh
+            torch.testing.assert_close(after, before, rtol=0, atol=0)
+        changed += int(not torch.equal(after, before))
+    if not zero_pruned:            # the dense values come back and the OBS patterns go
+        assert changed > 0

@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 METHODS = ("sequential", "local")
 #: The keyword options of :func:`reconstruct`.
 OPTIONS = ("method", "pattern", "dense_layers", "iters", "damp", "max_rows", "max_stats_bytes",
-           "layers", "seed", "progress", "local_weight", "variance_match")
+           "layers", "seed", "progress", "local_weight", "variance_match", "zero_pruned")
 #: ``progress(done, total, layer)``: called after each refit layer.
 Progress = Callable[[int, int, str], None]
 
@@ -95,12 +95,13 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _check(method: Any, pattern: Any, dense_layers: Any, iters: Any, damp: Any, max_rows: Any,
-           progress: Any, local_weight: Any, variance_match: Any) -> None:
+           progress: Any, local_weight: Any, variance_match: Any, zero_pruned: Any) -> None:
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     if pattern not in PATTERNS:
         raise ConfigError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
-    for name, value in (("dense_layers", dense_layers), ("variance_match", variance_match)):
+    for name, value in (("dense_layers", dense_layers), ("variance_match", variance_match),
+                        ("zero_pruned", zero_pruned)):
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be True or False, got {value!r}")
     _positive_int("iters", iters)
@@ -119,7 +120,8 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *,
                 iters: int = 30, damp: float = 0.01, max_rows: int = 4096,
                 max_stats_bytes: int = 2 ** 30, layers: Iterable[str] | None = None,
                 seed: int = 0, progress: Progress | None = None,
-                local_weight: float = 0.0, variance_match: bool = False) -> ReconstructResult:
+                local_weight: float = 0.0, variance_match: bool = False,
+                zero_pruned: bool = True) -> ReconstructResult:
     """Refit the compressed layers of ``model`` (in place) to the outputs of ``reference``.
 
     Args:
@@ -147,6 +149,10 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *,
         variance_match: sequential only: scale each refit output channel to the dense
             output's variance on the calibration rows (a BatchNorm-statistics correction;
             measured no better).
+        zero_pruned: write zeros at the pruned positions of each refit layer's dense weight,
+            so that fine-tuning's pattern refreshes keep the refit patterns (False: they keep
+            their dense values and may come back; a refresh then undoes the data-chosen
+            patterns, which cost the distillation recovery, BENCHMARKS.md issue 15).
 
     Raises:
         ConfigError: no compressed layer, bad options, a layer missing in ``reference`` or of
@@ -154,7 +160,7 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *,
             before any weight changes, except a failure in the middle of a sequential run.
     """
     _check(method, pattern, dense_layers, iters, damp, max_rows, progress, local_weight,
-           variance_match)
+           variance_match, zero_pruned)
     batches = calib_batches(calib_data)
     modules = dict(model.named_modules())
     compressed = [n for n, m in modules.items() if is_compressed(m)]
@@ -184,7 +190,7 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *,
     # the dense layers: the reference's (a compressed reference layer gives its projection)
     priors = {n: weight_and_bias(ref_modules[n]).detach().clone() for n in names}
     graph = trace_for_refit(model) if method == "sequential" else None
-    opts = dict(pattern=pattern, iters=iters, damp=float(damp))
+    opts = dict(pattern=pattern, iters=iters, damp=float(damp), zero_pruned=zero_pruned)
     seq_opts = dict(opts, local_weight=float(local_weight), variance_match=variance_match)
     if graph is not None:
         dense = [n for n, m in modules.items() if dense_layers and is_depthwise(m)
@@ -239,7 +245,8 @@ def _sequential(graph, model, reference, batches, names, dense, priors, max_rows
         if name in priors:
             r = refit_compressed(name, layer, priors[name], p, pattern=opts["pattern"],
                                  iters=opts["iters"], damp=opts["damp"],
-                                 variance_match=opts["variance_match"])
+                                 variance_match=opts["variance_match"],
+                                 zero_pruned=opts["zero_pruned"])
         else:
             r = refit_dense(name, layer, p, opts["damp"])
         result.layers.append(r)

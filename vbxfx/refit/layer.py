@@ -3,9 +3,12 @@
 * A compressed layer: optionally a new pattern chosen on the data
   (:func:`vbxfx.refit.obs.obs_project`, ``pattern="obs"``), then least squares inside the
   pattern (:func:`vbxfx.refit.solve.solve_in_pattern`) for the kept weights, the shared
-  magnitude of each pair and a bias. The refit values go into the kept positions of the
-  dense weight; the pruned positions keep their dense values (so they can come back when
-  the pattern is refreshed in fine-tuning).
+  magnitude of each pair and a bias. With ``zero_pruned`` (the default) the refit weight,
+  zeros included, becomes the layer's dense weight: the pruned weights get no gradient
+  through the projection, so pattern refreshes in fine-tuning keep the refit pattern (a
+  refresh from the dense values would undo a pattern chosen on the data). Otherwise the
+  refit values go into the kept positions only and the pruned positions keep their dense
+  values, so they can come back at a refresh.
 * A dense layer the hardware keeps dense (a depthwise convolution): the unconstrained
   damped least squares, per channel.
 
@@ -82,7 +85,7 @@ def _set_pattern(layer: CompressedMixin, fitting: torch.Tensor) -> None:
 @torch.no_grad()
 def refit_compressed(name: str, layer: CompressedMixin, prior: torch.Tensor, p: Problem, *,
                      pattern: str, iters: int, damp: float,
-                     variance_match: bool = False) -> LayerRefit:
+                     variance_match: bool = False, zero_pruned: bool = True) -> LayerRefit:
     """Refit a compressed layer in place (see the module docstring).
 
     ``prior``: the dense ``[W, b]`` rows (``weight_and_bias`` of the reference layer), the
@@ -113,7 +116,7 @@ def refit_compressed(name: str, layer: CompressedMixin, prior: torch.Tensor, p: 
         dense_w = layer.weight.detach().clone()
         _set_pattern(layer, chosen)
         layer.weight.copy_(dense_w)
-    added = _write(layer, x[:, :-1], x[:, -1], layer.mask)
+    added = _write(layer, x[:, :-1], x[:, -1], None if zero_pruned else layer.mask)
     return LayerRefit(name, before, after, added, pattern_changed=chosen is not None)
 
 
