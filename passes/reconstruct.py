@@ -8,7 +8,7 @@ for both front ends) to the outputs of the dense ``reference`` on calibration ba
 >>> gm = vbxfx.trace(model, x)                                              # doctest: +SKIP
 >>> Rewrite({"layer1.0.conv1": 2})(gm)                                      # doctest: +SKIP
 >>> Reconstruct(model, calib_batches)(gm).details.summary()                 # doctest: +SKIP
-'reconstruct: 1 layer(s) refit from 1 forward(s); mean relative output error ...'
+'reconstruct (sequential): 2 compressed layer(s) refit from 1 forward(s); mean ...'
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class Reconstruct(GraphPass):
     Args:
         reference: the dense model the GraphModule was traced from (not modified).
         calib_data: a Tensor batch or an iterable of batches.
-        **options: ``iters``, ``damp``, ``max_rows``, ``max_stats_bytes``, ``layers``,
-            ``seed``, ``progress`` of :func:`vbxfx.reconstruct.reconstruct`.
+        **options: the keyword options of :func:`vbxfx.reconstruct.reconstruct`
+            (``method``, ``pattern``, ``damp``, ``progress``, ...).
 
     Returns ``PassResult(gm, modified, details=ReconstructResult)``.
 

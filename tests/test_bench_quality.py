@@ -70,3 +70,14 @@ def test_plain_and_pairing_share_levels(tool):
         a, b = plain.get_submodule(name), pairing.get_submodule(name)
         assert a.repeat == b.repeat == level
         assert not a.pairing and b.pairing
+
+
+def test_refit_options_and_holdout_photos_parse(tool):
+    args = tool.parse_args(["--refit", "method=local", "pattern=keep", "damp=0.1", "iters=5",
+                            "dense_layers=true", "--holdout-photos"])
+    assert args.refit == {"method": "local", "pattern": "keep", "damp": 0.1, "iters": 5,
+                          "dense_layers": True}
+    assert args.holdout_photos
+    assert not set(tool.CALIB_PHOTOS) & set(tool.EVAL_PHOTOS)
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--refit", "damp"])

@@ -130,7 +130,7 @@ print('ok')
 def test_stages_show_as_they_run_and_the_refit_result_is_printed():
     out = run("compress", "demo", "--calib", "skimage:8", "--max-rows", "2")
     assert out.returncode == 0, out.stderr
-    for stage in ("trace", "analyze", "allocate", "rewrite", "refit: statistics", "refit: layers"):
+    for stage in ("trace", "analyze", "allocate", "rewrite", "refit: layers"):
         assert f"  {stage}" in out.stderr, (stage, out.stderr)
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("refit:"))
     assert "layer(s) refit on 8 calibration image(s); mean relative output error" in line

@@ -30,7 +30,6 @@ fine-tuning.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import sys
@@ -44,7 +43,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import vbxfx  # noqa: E402
-from vbxfx.calib import natural_image_crops  # noqa: E402
+from vbxfx.calib import PHOTOS, natural_image_crops  # noqa: E402
 from vbxfx.distill import distill  # noqa: E402
 from vbxfx.passes import AnalyzeLayers, Rewrite  # noqa: E402
 from vbxfx.sensitivity import output_divergence  # noqa: E402
@@ -102,8 +101,9 @@ def size_ordered_plan(model: nn.Module, example: torch.Tensor, target: float
 
 
 def build(variant: str, model: nn.Module, example: torch.Tensor, target: float,
-          calibration: list[torch.Tensor]) -> nn.Module:
-    """The compressed copy of ``model`` for one variant."""
+          calibration: list[torch.Tensor], refit: dict | None = None) -> nn.Module:
+    """The compressed copy of ``model`` for one variant (``refit``: options of
+    ``vbxfx.reconstruct`` for the default variant instead of its defaults)."""
     if variant in ("plain", "pairing"):
         gm, plan = size_ordered_plan(model, example, target)
         Rewrite(plan, pairing=variant == "pairing")(gm)
@@ -111,7 +111,8 @@ def build(variant: str, model: nn.Module, example: torch.Tensor, target: float,
     if variant == "global":
         return vbxfx.compress(model, example, compression=target).model
     if variant == "default":
-        return vbxfx.compress(model, example, compression=target, calib_data=calibration).model
+        return vbxfx.compress(model, example, compression=target, calib_data=calibration,
+                              reconstruct=refit or None).model
     raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
 
 
@@ -121,12 +122,19 @@ def recover(student: nn.Module, teacher: nn.Module, data: torch.Tensor, args) ->
     return student
 
 
+#: ``--holdout-photos``: calibration and recovery crops from these photos, evaluation crops
+#: from the others (a check that the one-shot figures are not the calibration photos').
+CALIB_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
+EVAL_PHOTOS = ("cat", "immunohistochemistry", "colorwheel", "retina")
+
+
 def mobilenet_setup(args) -> Setup:
     model = load_mobilenet()
     res = args.resolution
-    evaluation = natural_image_crops(args.eval, res, seed=0)
-    calib = natural_image_crops(args.calib, res, seed=1)
-    recovery = natural_image_crops(args.recovery_crops, res, seed=2)
+    fit, held = (CALIB_PHOTOS, EVAL_PHOTOS) if args.holdout_photos else (PHOTOS, PHOTOS)
+    evaluation = natural_image_crops(args.eval, res, seed=0, photos=held)
+    calib = natural_image_crops(args.calib, res, seed=1, photos=fit)
+    recovery = natural_image_crops(args.recovery_crops, res, seed=2, photos=fit)
     batches = [calib[i:i + 32] for i in range(0, len(calib), 32)]
     return Setup(model, torch.randn(1, 3, res, res), evaluation, batches, recovery,
                  logits_of(model, evaluation))
@@ -134,7 +142,8 @@ def mobilenet_setup(args) -> Setup:
 
 def run_mobilenet(args, out: Callable[[str], None]) -> list[dict]:
     s = mobilenet_setup(args)
-    out(f"MobileNetV2 (ImageNet weights), {len(s.evaluation)} evaluation crops at "
+    out(f"MobileNetV2 (ImageNet weights), {len(s.evaluation)} evaluation crops"
+        f"{' of other photos' if args.holdout_photos else ''} at "
         f"{args.resolution} px ({len(set(s.dense_logits.argmax(1).tolist()))} distinct dense "
         f"top-1 classes), {sum(len(b) for b in s.calibration)} calibration crops, recovery: "
         f"{args.steps} distillation steps of {args.batch} at {args.size} px on "
@@ -144,7 +153,7 @@ def run_mobilenet(args, out: Callable[[str], None]) -> list[dict]:
     for target in args.targets:
         for variant in args.variants:
             t0 = time.perf_counter()
-            compressed = build(variant, s.model, s.example, target, s.calibration)
+            compressed = build(variant, s.model, s.example, target, s.calibration, args.refit)
             t_build = time.perf_counter() - t0
             one = agreement_kl(logits_of(compressed, s.evaluation), s.dense_logits)
             row = {"target": target, "variant": variant, "one_shot": one, "recovered": None,
@@ -187,7 +196,7 @@ def run_digits(args, out: Callable[[str], None]) -> list[dict]:
     for target in args.targets:
         for variant in args.variants:
             torch.manual_seed(1)
-            model = build(variant, dense, data[0][:1], target, calib)
+            model = build(variant, dense, data[0][:1], target, calib, args.refit)
             one = accuracy(model, data)
             train(model, data, args.digits_epochs, 0.01, seed=1)
             tuned = accuracy(model, data)
@@ -218,8 +227,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--digits-dense-epochs", type=int, default=8)
     p.add_argument("--no-digits", action="store_true")
     p.add_argument("--no-mobilenet", action="store_true")
+    p.add_argument("--refit", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="options of vbxfx.reconstruct for the default variant, e.g. "
+                   "method=local pattern=keep damp=0.01 (the refit before issue 15)")
+    p.add_argument("--holdout-photos", action="store_true",
+                   help=f"calibrate and recover on {', '.join(CALIB_PHOTOS)}; evaluate on "
+                   f"{', '.join(EVAL_PHOTOS)}")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.refit = _refit_options(p, args.refit)
+    return args
+
+
+def _refit_options(p: argparse.ArgumentParser, items: list[str]) -> dict:
+    """``["damp=0.1", "dense_layers=true"]`` -> ``{"damp": 0.1, "dense_layers": True}``."""
+    out: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            p.error(f"--refit takes KEY=VALUE, got {item!r}")
+        value: object = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    pass
+        out[key] = value
+    return out
 
 
 def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> dict:

@@ -16,6 +16,11 @@ KL(dense || projected) of the logits.
   crops; the slow part, skip it with ``--no-output``).
 
 Run: ``.venv/bin/python tools/compare_allocation.py [--crops 256] [--calib 16] [--target 0.66]``
+
+``--refit`` compares allocations *followed by the calibrated refit* (``vbxfx.reconstruct``
+with its defaults, ``--calib`` crops in batches of 32, ``--seeds`` row-sampling seeds):
+the data-free ``"weight"`` sensitivity against the refit-aware one
+(:mod:`vbxfx.refit.sensitivity`: each level scored after the layer is refit at it).
 """
 
 from __future__ import annotations
@@ -149,6 +154,47 @@ def evaluate(model: torch.nn.Module, repeats: dict[str, int], x: torch.Tensor,
     return agree, kl
 
 
+def refit_allocations(model: torch.nn.Module, gm: torch.fx.GraphModule, x: torch.Tensor,
+                      dense: torch.Tensor, args) -> None:
+    """``--refit``: weight vs refit-aware sensitivity, each followed by the refit."""
+    from vbxfx.passes import Rewrite
+    from vbxfx.refit.layer import weight_and_bias
+    from vbxfx.refit.local import local_problems
+    from vbxfx.refit.sensitivity import refit_sensitivity
+    from vbxfx.sensitivity import layer_statistics
+
+    calib = list(natural_crops(args.calib, seed=args.seed + 1).split(32))
+    table = gm.meta["vbxfx.layer_table"]
+    names = [l.name for l in table.eligible()]
+    t0 = time.time()
+    targets = {n: weight_and_bias(model.get_submodule(n)) for n in names}
+    problems, _ = local_problems(model.eval(), targets, [(b,) for b in calib])
+    sens = refit_sensitivity({n: model.get_submodule(n) for n in names}, problems,
+                             {n: (2, 1) for n in names}, layer_statistics(gm),
+                             pattern=args.refit_pattern)
+    t_sens = time.time() - t0
+    allocs = {"weight (data-free)": vbxfx.allocate(gm, args.target, model=model),
+              f"refit-aware ({args.refit_pattern} pattern)":
+                  vbxfx.allocate(gm, args.target, sensitivity=sens)}
+    print(f"refit-aware sensitivity: {t_sens:.1f} s; then vbxfx.reconstruct (defaults) on "
+          f"{args.calib} crops")
+    print(f"{'allocation + refit':40s} {'seed':>4s} {'MACs removed':>12s} {'top-1 agree':>11s} "
+          f"{'KL to dense':>11s}")
+    for label, alloc in allocs.items():
+        for seed in range(args.seeds):
+            g2 = vbxfx.trace(model, torch.randn(1, 3, 224, 224))
+            AnalyzeLayers(exclude=["classifier.1"])(g2)
+            Rewrite(dict(alloc.repeats))(g2)
+            compressed = g2.meta["vbxfx.root"]
+            vbxfx.reconstruct(compressed, model, calib, seed=seed)
+            with torch.inference_mode():        # compressed layers: no BatchNorm folding
+                logits = torch.cat([compressed.eval()(x[i:i + 64]) for i in range(0, len(x), 64)])
+            agree = float((logits.argmax(1) == dense.argmax(1)).float().mean())
+            kl = float(F.kl_div(logits.log_softmax(1), dense.log_softmax(1), log_target=True,
+                                reduction="batchmean"))
+            print(f"{label:40s} {seed:4d} {alloc.achieved:12.4f} {agree:11.4f} {kl:11.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--crops", type=int, default=256, help="evaluation crops")
@@ -156,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=0.66, help="fraction of MACs removed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-output", action="store_true", help="skip the 'output' variant")
+    p.add_argument("--refit", action="store_true",
+                   help="compare allocations followed by the calibrated refit instead")
+    p.add_argument("--refit-pattern", choices=("keep", "obs"), default="keep",
+                   help="--refit: pattern of the refit-aware sensitivity's levels")
+    p.add_argument("--seeds", type=int, default=3, help="--refit: row-sampling seeds")
     args = p.parse_args(argv)
 
     t0 = time.time()
@@ -168,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(set(dense.argmax(1).tolist()))} distinct dense top-1 classes), "
           f"target {args.target} of hardware MACs")
 
+    if args.refit:
+        refit_allocations(model, gm, x, dense, args)
+        print(f"\n({time.time() - t0:.1f} s)")
+        return 0
     base, base_achieved = size_ordered(table, args.target)
     same = vbxfx.allocate(gm, base_achieved, model=model)
     runs = [("size-ordered baseline", base_achieved, base),

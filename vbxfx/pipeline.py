@@ -38,6 +38,7 @@ from vbxfx.modules import DEFAULT_REFRESH_EVERY
 from vbxfx.passes.allocate import Allocate, Allocation
 from vbxfx.passes.analyze_layers import AnalyzeLayers
 from vbxfx.passes.reconstruct import Reconstruct
+from vbxfx.reconstruct import OPTIONS as RECONSTRUCT_OPTIONS
 from vbxfx.passes.rewrite import LayerRewrite, Rewrite
 from vbxfx.trace import ROOT_KEY, trace
 
@@ -60,7 +61,7 @@ def compress(model: nn.Module, example_inputs: Any, compression: float = 0.66,
              calib_data: Any = None, eval_fn: Callable[[nn.Module], float] | None = None,
              fmt: str = "comp", *, pairing: bool = True,
              refresh_every: int | None = DEFAULT_REFRESH_EVERY, leaf_modules: Any = (),
-             allow_dense: bool = False, reconstruct: bool | None = None,
+             allow_dense: bool = False, reconstruct: bool | Mapping[str, Any] | None = None,
              progress: Callable[[str, int, int], None] | None = None,
              include_frozen: bool = False) -> CompressResult:
     """Compress a deep copy of ``model`` so that ``compression`` of the budget is removed.
@@ -82,15 +83,17 @@ def compress(model: nn.Module, example_inputs: Any, compression: float = 0.66,
             default they stay dense, reason "frozen"; see :class:`~vbxfx.passes.AnalyzeLayers`).
         calib_data: unlabeled input batches (a Tensor or an iterable of batches): used by
             ``sensitivity="output"`` and by the reconstruction.
-        reconstruct: refit the kept weights of every compressed layer (and a bias) to the
-            dense layer's outputs on ``calib_data`` (:mod:`vbxfx.reconstruct`); the default,
-            None, does it whenever ``calib_data`` is given. MobileNetV2, all layers 2:4,
-            256 crops: top-1 agreement with the dense model 25% -> 66%
-            (``python tools/bench_quality.py --targets 0.5``).
+        reconstruct: refit the compressed layers to the dense model's outputs on
+            ``calib_data`` (:func:`vbxfx.reconstruct`: layer by layer on the compressed
+            model's inputs, patterns chosen on the data); the default, None, does it
+            whenever ``calib_data`` is given; a mapping gives options of
+            :func:`vbxfx.reconstruct` (e.g. ``{"method": "local", "pattern": "keep"}``).
+            MobileNetV2, 128 calibration crops, top-1 agreement with the dense model at
+            0.5 / 0.66 / 0.75 of the MACs removed: see BENCHMARKS.md, issue 15
+            (``python tools/bench_quality.py``).
         progress: called as ``progress(stage, done, total)`` as the stages run: ``"trace"``,
             ``"analyze"``, ``"allocate"``, ``"rewrite"`` (0 of 1 when a stage starts, 1 of 1
-            when it ends), then, with a refit, ``"refit: statistics"`` (forwards of the
-            calibration data) and ``"refit: layers"`` (layers refit).
+            when it ends), then, with a refit, ``"refit: layers"`` (layers refit).
 
     Returns:
         ``CompressResult(model, report)``; ``model`` is the traced deep copy with compressed
@@ -100,9 +103,21 @@ def compress(model: nn.Module, example_inputs: Any, compression: float = 0.66,
         TraceError, ConfigError, FormatError: from the passes (see each); ConfigError for
             a model on the meta device, before any work.
     """
+    refit_options: dict[str, Any] = {}
+    if isinstance(reconstruct, Mapping):
+        refit_options = dict(reconstruct)
+        unknown = sorted(set(refit_options) - set(RECONSTRUCT_OPTIONS))
+        if unknown:
+            raise ConfigError(f"reconstruct: unknown option(s) {unknown}; known: "
+                              f"{sorted(RECONSTRUCT_OPTIONS)}")
+        reconstruct = True
     if reconstruct is not None and not isinstance(reconstruct, bool):
-        raise ConfigError(f"reconstruct must be True, False or None (refit when calib_data is "
-                          f"given), got {reconstruct!r}")
+        raise ConfigError(f"reconstruct must be True, False, None (refit when calib_data is "
+                          f"given) or a mapping of vbxfx.reconstruct options, got "
+                          f"{reconstruct!r}")
+    if progress is not None and not callable(progress):
+        raise ConfigError(f"progress must be a callable(stage, done, total) or None, got "
+                          f"{type(progress).__name__}")
     if reconstruct is None:
         reconstruct = calib_data is not None
     if reconstruct and calib_data is None:
@@ -129,23 +144,38 @@ def compress(model: nn.Module, example_inputs: Any, compression: float = 0.66,
         records = Rewrite(plan, pairing=pairing, refresh_every=refresh_every)(gm).details
     refit = None
     if reconstruct and records:
-        phases = {"statistics": "refit: statistics", "solve": "refit: layers"}
-        report_refit = None if progress is None else (
-            lambda phase, done, total: progress(phases.get(phase, f"refit: {phase}"), done, total))
-        refit = Reconstruct(model, calib_data, progress=report_refit)(gm).details
+        if progress is not None and "progress" not in refit_options:
+            refit_options["progress"] = _refit_progress(progress)
+        refit = Reconstruct(model, calib_data, **refit_options)(gm).details
     compressed = gm.meta[ROOT_KEY]
     report = build_report(table, alloc, records, compressed)
     if refit is not None:
-        n = max(1, len(refit.layers))
+        done = refit.compressed
+        n = max(1, len(done))
         report["reconstruct"] = {
-            "layers": len(refit.layers), "forwards": refit.forwards,
-            "mean_output_error": [sum(r.error_before for r in refit.layers) / n,
-                                  sum(r.error_after for r in refit.layers) / n],
+            "method": refit.method, "layers": len(refit.compressed),
+            "dense_layers": len(refit.layers) - len(refit.compressed),
+            "forwards": refit.forwards,
+            "mean_output_error": [sum(r.error_before for r in done) / n,
+                                  sum(r.error_after for r in done) / n],
             "output_error": {r.name: [r.error_before, r.error_after] for r in refit.layers}}
     logger.info("compress: %d layer(s) compressed; hardware MACs %s -> %s",
                 len(records), f"{report['totals']['macs_before']:,}",
                 f"{report['totals']['macs_after']:,}")
     return CompressResult(compressed, report)
+
+
+def _refit_progress(progress: Callable[[str, int, int], None]) -> Callable[[int, int, str], None]:
+    """The refit's ``(done, total, layer)`` as the stage ``"refit: layers"``, started with
+    ``(0, total)`` at its first layer (the refit knows the total only once it runs)."""
+    started = []
+
+    def report(done: int, total: int, _layer: str) -> None:
+        if not started:
+            started.append(True)
+            progress("refit: layers", 0, total)
+        progress("refit: layers", done, total)
+    return report
 
 
 def _stage(progress: Callable[[str, int, int], None] | None):
