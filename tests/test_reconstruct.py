@@ -166,7 +166,8 @@ def test_compress_passes_refit_options_and_reports_progress():
     result = vbxfx.compress(dense, x[:1], compression=0.66, calib_data=x.split(4),
                             progress=lambda *a: calls.append(a))
     n = result.report["totals"]["compressed"]
-    assert calls == [("reconstruct", i + 1, n) for i in range(n)]
+    refit = [c for c in calls if c[0] == "refit: layers"]
+    assert refit == [("refit: layers", i, n) for i in range(n + 1)]
     assert result.report["reconstruct"]["method"] == "sequential"
     old = vbxfx.compress(dense, x[:1], compression=0.66, calib_data=x,
                          reconstruct={"method": "local", "pattern": "keep"})

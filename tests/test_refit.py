@@ -20,6 +20,8 @@ from vbxfx.refit.obs import obs_project
 from vbxfx.refit.rows import Problem, input_rows, output_rows, sample_positions
 from vbxfx.refit.solve import damped, relative_error, solve_dense, solve_in_pattern
 
+from test_reconstruct import _pattern_basis
+
 
 @pytest.mark.parametrize("conv", [
     nn.Conv2d(5, 7, 3, stride=2, padding=1), nn.Conv2d(6, 6, 3, padding=1, groups=6),
@@ -100,19 +102,19 @@ class _Chain(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
+def _chain_at_1_of_4() -> tuple[_Chain, nn.Module]:
+    """A dense two-layer chain and a copy with both layers at 1:4."""
+    dense = _Chain()
+    model = copy.deepcopy(dense)
+    model.a = VBXLinear.from_dense(model.a, repeat=1)
+    model.b = VBXLinear.from_dense(model.b, repeat=1)
+    return dense, model
+
+
 def _lstsq_in_pattern(layer: VBXLinear, x: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Reference: least squares over a basis of the layer's pattern, bias free (numpy)."""
     o, k = layer.weight.shape
-    w0 = layer.weight.detach().clone()
-    cols = []
-    with torch.no_grad():
-        for i in range(w0.numel()):
-            e = torch.zeros(w0.numel())
-            e[i] = 1.0
-            layer.weight.copy_(e.view_as(w0))
-            cols.append(layer.compressed_weight().reshape(-1).double().numpy())
-        layer.weight.copy_(w0)
-    u, s, _ = np.linalg.svd(np.stack(cols, 1))
+    u, s, _ = np.linalg.svd(_pattern_basis(layer))
     span = u[:, s > 0.5]
     design = np.zeros((len(x) * o, span.shape[1] + o))
     for r in range(o):
@@ -123,11 +125,8 @@ def _lstsq_in_pattern(layer: VBXLinear, x: np.ndarray, target: np.ndarray) -> np
 
 
 def test_sequential_refit_fits_each_layer_to_the_compressed_inputs():
-    dense = _Chain()
+    dense, model = _chain_at_1_of_4()
     x = torch.randn(600, 16)
-    model = copy.deepcopy(dense)
-    model.a = VBXLinear.from_dense(model.a, repeat=1)
-    model.b = VBXLinear.from_dense(model.b, repeat=1)
     res = vbxfx.reconstruct(model, dense, x, pattern="keep", iters=300, damp=0.0,
                             max_rows=10_000)
     assert res.method == "sequential" and [r.name for r in res.layers] == ["a", "b"]
@@ -264,11 +263,8 @@ def test_plain_masks_stay_plain_after_the_obs_refit():
 
 
 def test_variance_match_restores_each_channels_spread():
-    dense = _Chain()
+    dense, model = _chain_at_1_of_4()
     x = torch.randn(800, 16)
-    model = copy.deepcopy(dense)
-    model.a = VBXLinear.from_dense(model.a, repeat=1)
-    model.b = VBXLinear.from_dense(model.b, repeat=1)
     vbxfx.reconstruct(model, dense, x, variance_match=True, max_rows=10_000)
     with torch.no_grad():
         y, t = model(x), dense(x)
