@@ -134,7 +134,8 @@ def test_stages_show_as_they_run_and_the_refit_result_is_printed():
         assert f"  {stage}" in out.stderr, (stage, out.stderr)
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("refit:"))
     assert "layer(s) refit on 8 calibration image(s); mean relative output error" in line
-    before, after = (float(v) for v in line.rsplit("error ", 1)[1].split(" -> "))
+    assert line.endswith("(layer by layer on the compressed model's inputs)"), line
+    before, after = (float(v) for v in line.rsplit("error ", 1)[1].split(" (")[0].split(" -> "))
     assert after < before
 
 
@@ -311,3 +312,12 @@ def test_json_stays_json_when_ultralytics_prints_its_settings_banner(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["report"]["totals"]["compressed"] > 0
     assert (tmp_path / "fresh").exists()          # ultralytics did write (and announce) settings
+
+
+def test_the_refit_line_says_when_the_refit_fell_back_to_local():
+    from vbxfx.cli import _refit_line
+    report = {"reconstruct": {"method": "local", "layers": 63, "mean_output_error": [0.14, 0.005]}}
+    line = _refit_line(report, 8)
+    assert line == ("refit: 63 layer(s) refit on 8 calibration image(s); mean relative output "
+                    "error 0.1400 -> 0.0050 (each on the dense model's inputs: the model does "
+                    "not trace symbolically)")

@@ -20,9 +20,10 @@ dense) without constraint; measured no better, so it is off.
 hooks (the refit of earlier versions); models that do not trace symbolically (torch.export
 models such as ultralytics YOLO) get it as well.
 
-MobileNetV2 (ImageNet weights, 128 calibration crops, ``tools/bench_quality.py``): top-1
-agreement with the dense model at 0.5 / 0.66 / 0.75 of hardware MACs removed: local refit
-with the projection's pattern 66 / 13 / 13 %; see BENCHMARKS.md (issue 15) for the default.
+MobileNetV2 (ImageNet weights, 128 calibration crops, 512 evaluation crops,
+``tools/bench_quality.py``): top-1 agreement with the dense model at 0.5 / 0.66 / 0.75 of
+hardware MACs removed is 83 / 76 / 73 % with the defaults, 65 / 11 / 11 % with the local
+refit and the projection's pattern (BENCHMARKS.md, issue 15, with every variant tried).
 
 >>> import torch, vbxfx
 >>> from vbxfx.demo import DemoNet
