@@ -296,3 +296,38 @@ def test_pruned_weights_zeroed_or_kept_and_what_a_refresh_does(zero_pruned):
         changed += int(not torch.equal(after, before))
     if not zero_pruned:            # the dense values come back and the OBS patterns go
         assert changed > 0
+
+
+class _DeadInput(nn.Module):
+    """``b`` sees only zeros on any data (its input is multiplied by 0)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)) * 0.0) + self.a(x)
+
+
+@pytest.mark.parametrize("damp", [0.01, 0.0])
+def test_a_layer_whose_inputs_are_all_zero_does_not_stop_the_refit(damp):
+    dense = _DeadInput().eval()
+    x = torch.randn(8, 16, 16, 16)
+    result = vbxfx.compress(dense, x[:1], compression=0.5, calib_data=x,
+                            reconstruct={"damp": damp})
+    refit = result.report["reconstruct"]
+    assert refit["layers"] == 2
+    err_a = refit["output_error"]["a"]
+    assert err_a[1] < err_a[0]
+    for name in ("a", "b"):
+        require_fit(result.model.get_submodule(name).compressed_weight().detach(), 2)
+
+
+def test_calibration_data_with_nan_is_refused_before_any_work():
+    dense = vbxfx.demo.DemoNet().eval()
+    x = torch.randn(8, 3, 64, 64)
+    x[3, 1, 2, 2] = float("inf")
+    with pytest.raises(ConfigError, match=r"calib_data batch 1 holds 1 NaN or infinite"):
+        vbxfx.compress(dense, x[:1], compression=0.5, calib_data=x.split(2))

@@ -159,7 +159,7 @@ def calib_batches(calib_data: Any) -> list[tuple]:
     """``calib_data`` as a list of input tuples: a Tensor (one batch), or an iterable of
     batches, each a Tensor or a ``(inputs, labels, ...)`` sequence whose first item is fed."""
     if isinstance(calib_data, torch.Tensor):
-        return [(calib_data,)]
+        return [(_finite_batch(0, calib_data),)]
     if calib_data is None or isinstance(calib_data, (str, bytes)) or not isinstance(
             calib_data, Iterable):
         raise ConfigError("calib_data must be a Tensor batch or an iterable of batches "
@@ -171,10 +171,19 @@ def calib_batches(calib_data: Any) -> list[tuple]:
         if not isinstance(batch, torch.Tensor):
             raise ConfigError(f"calib_data batch {i} is a {type(batch).__name__}; expected a "
                               "Tensor or an (inputs, labels) pair")
-        batches.append((batch,))
+        batches.append((_finite_batch(i, batch),))
     if not batches:
         raise ConfigError("calib_data holds no batch; give a few calibration batches")
     return batches
+
+
+def _finite_batch(i: int, batch: torch.Tensor) -> torch.Tensor:
+    if batch.is_floating_point() and batch.device.type != "meta" \
+            and not bool(torch.isfinite(batch).all()):
+        bad = int((~torch.isfinite(batch)).sum())
+        raise ConfigError(f"calib_data batch {i} holds {bad} NaN or infinite value(s) of "
+                          f"{batch.numel()}; give finite inputs (as the model sees them)")
+    return batch
 
 
 def output_divergence(dense: Any, out: Any) -> float:

@@ -24,6 +24,7 @@ import torch
 
 from vbxfx.format.cost import BLOCK
 from vbxfx.format.structured import project_blocks
+from vbxfx.refit.solve import cholesky_pd
 
 __all__ = ["obs_project", "block_order"]
 
@@ -55,8 +56,8 @@ def obs_project(w: torch.Tensor, h: torch.Tensor, shape: torch.Size, repeat: int
     k = w.shape[1] - 1
     order = torch.cat([block_order(shape), torch.tensor([k])]).to(h.device)
     hp = h.index_select(0, order).index_select(1, order).double()
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(hp))
-    u = torch.linalg.cholesky(hinv, upper=True)
+    hinv = torch.cholesky_inverse(cholesky_pd(hp))
+    u = cholesky_pd(hinv, upper=True)
     wp = w.to(torch.float64).index_select(1, order).clone()
     i = shape[1]
     per = (i + BLOCK - 1) // BLOCK

@@ -21,7 +21,8 @@ import torch
 from vbxfx.format import PairEncoding, pattern_coefficients
 from vbxfx.refit.rows import Problem
 
-__all__ = ["damped", "relative_error", "solve_in_pattern", "solve_dense", "pattern_projector"]
+__all__ = ["damped", "relative_error", "solve_in_pattern", "solve_dense", "pattern_projector",
+           "cholesky_pd"]
 
 
 def damped(p: Problem, damp: float) -> tuple[torch.Tensor, float]:
@@ -31,6 +32,23 @@ def damped(p: Problem, damp: float) -> tuple[torch.Tensor, float]:
     lam = damp * float(diag.mean()) if diag.numel() else 0.0
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
     return h + lam * eye, lam
+
+
+def cholesky_pd(h: torch.Tensor, upper: bool = False) -> torch.Tensor:
+    """The Cholesky factor of the symmetric ``h``, with the smallest diagonal jitter (from
+    1e-10 of its largest diagonal entry up) that makes it positive definite: a layer whose
+    inputs are all zero on the calibration data, or ``damp=0`` with fewer rows than
+    weights, has a singular ``h``."""
+    chol, info = torch.linalg.cholesky_ex(h, upper=upper)
+    scale = float(torch.diagonal(h, dim1=-2, dim2=-1).abs().max()) if h.numel() else 1.0
+    jitter = 1e-10 * (scale if scale > 0 else 1.0)
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+    while bool((info != 0).any()):
+        if jitter > scale * 1e3 + 1.0:
+            raise torch.linalg.LinAlgError("refit: input second moments are not finite")
+        chol, info = torch.linalg.cholesky_ex(h + jitter * eye, upper=upper)
+        jitter *= 100
+    return chol
 
 
 def relative_error(m: torch.Tensor, p: Problem) -> float:
