@@ -7,6 +7,7 @@ so nothing reaches the network.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
@@ -319,3 +320,25 @@ def test_the_whole_yolo_path_to_the_int8_tflite(trained, tmp_path):
     assert report.ok, report.problems
     assert len(declared) == len(_layers(_checkpoint_model(best)))
     assert all(r.repeat == r.declared_repeat for r in declared)
+
+
+@pytest.mark.slow
+def test_compress_a_yolo_model_with_its_training_images_as_calibration(yolo_env, tmp_path,
+                                                                        capsys):
+    """`vbxfx compress ultralytics:yolov8n.yaml --calib images/train`: YOLO does not trace
+    symbolically, so the refit falls back to the local one, says so, and still lowers the
+    layers' output error; the exported file checks."""
+    from vbxfx.cli import main
+
+    root, data = yolo_env
+    out = tmp_path / "y.onnx"
+    rc = main(["compress", "ultralytics:yolov8n.yaml", "--input-shape", "1,3,64,64",
+               "--compression", "0.66", "--calib", str(data.parent / "images" / "train"),
+               "-o", str(out), "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    refit = report["report"]["reconstruct"]
+    assert refit["method"] == "local" and refit["layers"] > 50
+    before, after = refit["mean_output_error"]
+    assert after < before
+    assert out.exists()
