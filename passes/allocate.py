@@ -38,13 +38,13 @@ import torch.fx
 from torch import nn
 
 from vbxfx.errors import ConfigError
-from vbxfx.knapsack import solve_mckp
-from vbxfx.layers import LayerInfo, LayerTable
+from vbxfx.allocation.knapsack import solve_mckp
+from vbxfx.analysis.layers import LayerInfo, LayerTable
 from vbxfx.meta import LAYER_KEY, REPEAT_KEY, SENSITIVITY_KEY
-from vbxfx.overrides import FORMATS, merged_overrides
+from vbxfx.allocation.overrides import FORMATS, merged_overrides
 from vbxfx.passes.analyze_layers import TABLE_KEY, AnalyzeLayers
 from vbxfx.passes.base import GraphPass, PassResult
-from vbxfx.sensitivity import (eval_fn_sensitivity, layer_statistics, output_sensitivity,
+from vbxfx.allocation.sensitivity import (eval_fn_sensitivity, layer_statistics, output_sensitivity,
                                weight_sensitivity)
 
 __all__ = ["Allocate", "Allocation", "LayerAllocation", "allocate", "BUDGETS", "SENSITIVITIES",

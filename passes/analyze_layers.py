@@ -2,7 +2,7 @@
 
 The pass runs the graph on the example inputs as a ``torch.fx.Interpreter`` (like
 ``torch.fx.passes.shape_prop.ShapeProp``, whose ``node.meta["tensor_meta"]`` it also writes),
-and writes one :class:`vbxfx.layers.LayerInfo` per layer call into
+and writes one :class:`vbxfx.analysis.layers.LayerInfo` per layer call into
 ``node.meta["vbxfx.layer"]``. It understands both front ends of :func:`vbxfx.trace`:
 
 - symbolic_trace graphs: ``call_module`` nodes of ``nn.Conv*`` / ``nn.Linear`` modules, and
@@ -43,15 +43,15 @@ import torch.fx
 from torch import nn
 
 from vbxfx.errors import ConfigError
-from vbxfx.layer_records import (FUNCTIONS, arg, functional_kind, ineligible, layer_info,
+from vbxfx.analysis.layer_records import (FUNCTIONS, arg, functional_kind, ineligible, layer_info,
                                  others_sharing, parameter_owners, resolve_module_path,
                                  uncalled_info, weight_owner, write_tensor_meta)
-from vbxfx.layers import OTHER_OPS_WARN_SHARE, LayerInfo, LayerTable, OpInfo, module_kind
+from vbxfx.analysis.layers import OTHER_OPS_WARN_SHARE, LayerInfo, LayerTable, OpInfo, module_kind
 from vbxfx.meta import LAYER_KEY
-from vbxfx.op_macs import MacCounter
+from vbxfx.analysis.op_macs import MacCounter
 from vbxfx.passes.base import GraphPass, PassResult
-from vbxfx.trace import INPUTS_KEY, eval_mode, get_root, preserved_state, run_shapes_only
-from vbxfx.weight_use import UNUSED_FORWARD, direct_weight_readers
+from vbxfx.analysis.trace import INPUTS_KEY, eval_mode, get_root, preserved_state, run_shapes_only
+from vbxfx.analysis.weight_use import UNUSED_FORWARD, direct_weight_readers
 
 __all__ = ["AnalyzeLayers", "TABLE_KEY", "layer_table", "FROZEN_REASON"]
 

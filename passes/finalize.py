@@ -26,7 +26,7 @@ from vbxfx.format import encode_unstructured, encode_weight, require_fit, unstru
 from vbxfx.modules import CompressedMixin, LayerAnnotation, is_compressed
 from vbxfx.modules.swap import replace_module
 from vbxfx.passes.base import GraphPass, PassResult
-from vbxfx.trace import FRONTEND_KEY, ROOT_KEY
+from vbxfx.analysis.trace import FRONTEND_KEY, ROOT_KEY
 
 __all__ = ["Finalize", "finalize", "annotate"]
 

@@ -20,8 +20,8 @@ import torch.fx
 from torch import nn
 
 from vbxfx.passes.base import GraphPass, PassResult
-from vbxfx.reconstruct import reconstruct
-from vbxfx.trace import get_root
+from vbxfx.refit.reconstruct import reconstruct
+from vbxfx.analysis.trace import get_root
 
 __all__ = ["Reconstruct"]
 

@@ -33,7 +33,7 @@ from vbxfx.errors import ConfigError, FormatError
 from vbxfx.modules import DEFAULT_REFRESH_EVERY, CompressedMixin, from_dense, is_compressed
 from vbxfx.modules.swap import replace_module
 from vbxfx.passes.base import GraphPass, PassResult
-from vbxfx.trace import FRONTEND_KEY, get_root
+from vbxfx.analysis.trace import FRONTEND_KEY, get_root
 
 __all__ = ["Rewrite", "LayerRewrite", "normalize_plan", "rewrite_modules", "layer_record"]
 

@@ -12,7 +12,7 @@ from vbxfx.errors import ConfigError
 from vbxfx.format import fits, project_weight
 from vbxfx.meta import REPEAT_KEY, SENSITIVITY_KEY
 from vbxfx.passes import Allocate, AnalyzeLayers
-from vbxfx.sensitivity import layer_statistics
+from vbxfx.allocation.sensitivity import layer_statistics
 
 
 class TwoLayers(nn.Module):

@@ -257,8 +257,8 @@ def test_cli_exit_codes_and_output(exported, tmp_path, capsys):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_other_dtypes_export_float32_and_check_with_their_tolerances(dtype, tmp_path, caplog):
     """float16 failed the float32 tolerances, float64 gave a file onnxruntime cannot load."""
-    from vbxfx.demo import DemoNet
-    from vbxfx.tolerances import tolerances_for
+    from vbxfx.inputs.demo import DemoNet
+    from vbxfx.check.tolerances import tolerances_for
 
     model = DemoNet().to(dtype)
     x = torch.randn(1, 3, 64, 64).to(dtype)

@@ -159,7 +159,7 @@ def test_quiet_and_threads_before_or_after_the_command(where):
 def test_threads_option_and_environment(monkeypatch):
     import torch
 
-    from vbxfx.cli import default_threads, main
+    from vbxfx.cli.main import default_threads, main
 
     import logging
 
@@ -315,7 +315,7 @@ def test_json_stays_json_when_ultralytics_prints_its_settings_banner(tmp_path):
 
 
 def test_the_refit_line_says_when_the_refit_fell_back_to_local():
-    from vbxfx.cli import _refit_line
+    from vbxfx.cli.commands import _refit_line
     report = {"reconstruct": {"method": "local", "layers": 63, "mean_output_error": [0.14, 0.005]}}
     line = _refit_line(report, 8)
     assert line == ("refit: 63 layer(s) refit on 8 calibration image(s); mean relative output "

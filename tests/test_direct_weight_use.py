@@ -91,7 +91,7 @@ def test_parent_reading_a_weight_in_its_forward_is_found_statically():
             assert self.out.weight.shape[1] == x.shape[-1]
             return self.out(F.linear(x, self.fc.weight, self.fc.bias))
 
-    from vbxfx.weight_use import direct_weight_readers
+    from vbxfx.analysis.weight_use import direct_weight_readers
     model = nn.Sequential(Gate())
     readers = direct_weight_readers(model)
     assert list(readers) == ["0.fc"] and "Gate '0' in its forward" in readers["0.fc"]
@@ -112,7 +112,7 @@ def test_example_inputs_catch_weights_the_source_does_not_show():
         def forward(self, x):
             return self.out(F.linear(x, self.weights()))
 
-    from vbxfx.weight_use import called_layers, direct_weight_readers
+    from vbxfx.analysis.weight_use import called_layers, direct_weight_readers
     model = nn.Sequential(Hidden(), nn.ReLU())
     assert direct_weight_readers(model) == {}          # the source check cannot see it
     ran, direct = called_layers(model, (torch.randn(2, 8),), ["0.fc", "0.out"])
@@ -124,7 +124,7 @@ def test_example_inputs_catch_weights_the_source_does_not_show():
 
 
 def test_transformer_encoder_layer_fast_path_weights_stay_dense():
-    from vbxfx.weight_use import direct_weight_readers
+    from vbxfx.analysis.weight_use import direct_weight_readers
     layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
     model = nn.Sequential(layer, nn.Linear(16, 4))
     readers = direct_weight_readers(model)

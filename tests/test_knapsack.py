@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vbxfx.errors import ConfigError
-from vbxfx.knapsack import lp_bound, solve_mckp
+from vbxfx.allocation.knapsack import lp_bound, solve_mckp
 
 
 def brute_force(costs, weights, demand):

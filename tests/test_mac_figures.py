@@ -18,7 +18,7 @@ from independent_macs import count_multiplies
 from test_export import compress_by_hand, fast_encoding, fit_fast
 from vbxfx.export.annotations import LayerAnnotation
 from vbxfx.format import PairEncoding
-from vbxfx.report import format_report
+from vbxfx.cli.report import format_report
 
 
 class Stem(nn.Module):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vbxfx.errors import ConfigError
-from vbxfx.model_spec import check_input_memory, resolve_model
+from vbxfx.inputs.model_spec import check_input_memory, resolve_model
 
 VBXFX = [sys.executable, "-m", "vbxfx"]
 

@@ -6,8 +6,8 @@ import logging
 import pytest
 
 from vbxfx.errors import ConfigError
-from vbxfx.layers import LayerInfo, LayerTable
-from vbxfx.overrides import load_overrides, merged_overrides, resolve_overrides
+from vbxfx.analysis.layers import LayerInfo, LayerTable
+from vbxfx.allocation.overrides import load_overrides, merged_overrides, resolve_overrides
 
 
 def _layer(name, eligible=True):
@@ -28,7 +28,7 @@ def test_seed_values(table):
 
 
 def test_nearest_level_with_warning(table, caplog):
-    with caplog.at_level(logging.WARNING, logger="vbxfx.overrides"):
+    with caplog.at_level(logging.WARNING, logger="vbxfx.allocation.overrides"):
         got = resolve_overrides({"stem": 0.66, "head": 0.55, "block.0.conv": 0.1}, table)
     assert got == {"stem": 1, "block.0.conv": 4, "head": 2}
     assert "'stem' asks for compression 0.66" in caplog.text and "nearest level 0.75" in caplog.text
@@ -36,11 +36,11 @@ def test_nearest_level_with_warning(table, caplog):
 
 
 def test_exact_name_beats_glob_and_ineligible_skipped(table, caplog):
-    with caplog.at_level(logging.WARNING, logger="vbxfx.overrides"):
+    with caplog.at_level(logging.WARNING, logger="vbxfx.allocation.overrides"):
         got = resolve_overrides({"block.*": 0.75, "block.1.conv": 0.5}, table)
     assert got == {"block.0.conv": 1, "block.1.conv": 2}
     assert caplog.text == ""  # the glob skips the depthwise layer silently
-    with caplog.at_level(logging.WARNING, logger="vbxfx.overrides"):
+    with caplog.at_level(logging.WARNING, logger="vbxfx.allocation.overrides"):
         assert resolve_overrides({"block.1.dw": 0.5}, table) == {}
     assert "'block.1.dw' is not compressible" in caplog.text
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import vbxfx
-from vbxfx.console import Console, TqdmHandler
-from vbxfx.demo import DemoNet
+from vbxfx.cli.console import Console, TqdmHandler
+from vbxfx.inputs.demo import DemoNet
 from vbxfx.errors import ConfigError
 
 

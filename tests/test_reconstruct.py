@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vbxfx
-from vbxfx.demo import DemoNet
+from vbxfx.inputs.demo import DemoNet
 from vbxfx.errors import ConfigError
 from vbxfx.format import require_fit
 from vbxfx.modules import VBXLinear
@@ -189,9 +189,9 @@ def test_sequential_refit_on_imagenet_mobilenet_v2():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tools"))
     from compare_allocation import load_mobilenet
 
-    from vbxfx.calib import natural_image_crops
+    from vbxfx.inputs.calib import natural_image_crops
     from vbxfx.format import weight_repeat
-    from vbxfx.sensitivity import output_divergence
+    from vbxfx.allocation.sensitivity import output_divergence
 
     dense = load_mobilenet()
     calib = natural_image_crops(32, 128, seed=1).split(16)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vbxfx
-import vbxfx.demo
+import vbxfx.inputs.demo
 import vbxfx.modules
 from vbxfx.errors import ConfigError
 from vbxfx.format import encode_weight, project_weight, require_fit
@@ -247,7 +247,7 @@ def test_refit_sensitivity_is_the_error_left_after_the_refit():
 
 
 def test_plain_masks_stay_plain_after_the_obs_refit():
-    dense = vbxfx.demo.DemoNet()
+    dense = vbxfx.inputs.demo.DemoNet()
     x = torch.randn(16, 3, 64, 64)
     result = vbxfx.compress(dense, x[:1], compression=0.66, calib_data=x.split(8),
                             pairing=False)
@@ -276,7 +276,7 @@ def test_variance_match_restores_each_channels_spread():
 
 @pytest.mark.parametrize("zero_pruned", [True, False])
 def test_pruned_weights_zeroed_or_kept_and_what_a_refresh_does(zero_pruned):
-    dense = vbxfx.demo.DemoNet()
+    dense = vbxfx.inputs.demo.DemoNet()
     x = torch.randn(16, 3, 64, 64)
     model = vbxfx.compress(dense, x[:1], compression=0.66, reconstruct=False).model
     vbxfx.reconstruct(model, dense, x.split(8), zero_pruned=zero_pruned)
@@ -326,7 +326,7 @@ def test_a_layer_whose_inputs_are_all_zero_does_not_stop_the_refit(damp):
 
 
 def test_calibration_data_with_nan_is_refused_before_any_work():
-    dense = vbxfx.demo.DemoNet().eval()
+    dense = vbxfx.inputs.demo.DemoNet().eval()
     x = torch.randn(8, 3, 64, 64)
     x[3, 1, 2, 2] = float("inf")
     with pytest.raises(ConfigError, match=r"calib_data batch 1 holds 1 NaN or infinite"):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import vbxfx
-from vbxfx.demo import DemoNet
-from vbxfx.report import plot_allocation
+from vbxfx.inputs.demo import DemoNet
+from vbxfx.cli.report import plot_allocation
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 import vbxfx
-from vbxfx.cli import main
+from vbxfx.cli.main import main
 from vbxfx.errors import CheckError
 from vbxfx.export.tflite_reader import read_tflite
-from vbxfx.tflite_expect import Declared, match_layers
+from vbxfx.check.tflite_expect import Declared, match_layers
 
 from tflite_files import independent_ucomp, write_tflite
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import vbxfx
-from vbxfx.cli import main
-from vbxfx.demo import DemoNet
+from vbxfx.cli.main import main
+from vbxfx.inputs.demo import DemoNet
 from vbxfx.errors import ExportError
 from vbxfx.export.tflite_reader import is_tflite, read_tflite
 from vbxfx.integrations.onnx2tf import find_onnx2tf

@@ -302,8 +302,8 @@ def test_the_whole_yolo_path_to_the_int8_tflite(trained, tmp_path):
     from ultralytics import YOLO
 
     from test_tflite_export import _onnx2tf
-    from vbxfx.check_tflite import check_tflite
-    from vbxfx.cli import main
+    from vbxfx.check.tflite_check import check_tflite
+    from vbxfx.cli.main import main
 
     exe = _onnx2tf()
     _, run, _ = trained
@@ -328,7 +328,7 @@ def test_compress_a_yolo_model_with_its_training_images_as_calibration(yolo_env,
     """`vbxfx compress ultralytics:yolov8n.yaml --calib images/train`: YOLO does not trace
     symbolically, so the refit falls back to the local one, says so, and still lowers the
     layers' output error; the exported file checks."""
-    from vbxfx.cli import main
+    from vbxfx.cli.main import main
 
     root, data = yolo_env
     out = tmp_path / "y.onnx"

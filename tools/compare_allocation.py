@@ -161,7 +161,7 @@ def refit_allocations(model: torch.nn.Module, gm: torch.fx.GraphModule, x: torch
     from vbxfx.refit.layer import weight_and_bias
     from vbxfx.refit.local import local_problems
     from vbxfx.refit.sensitivity import refit_sensitivity
-    from vbxfx.sensitivity import layer_statistics
+    from vbxfx.allocation.sensitivity import layer_statistics
 
     calib = list(natural_crops(args.calib, seed=args.seed + 1).split(32))
     table = gm.meta["vbxfx.layer_table"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from vbxfx.cli import main
+from vbxfx.cli.main import main
 
 sys.exit(main())

@@ -7,7 +7,8 @@ from :class:`ValueError`, so existing ``except ValueError`` code keeps working.
 
 from __future__ import annotations
 
-__all__ = ["VbxError", "FormatError", "TraceError", "ConfigError", "ExportError", "CheckError"]
+__all__ = ["VbxError", "FormatError", "TraceError", "ConfigError", "ExportError", "CheckError",
+           "one_line"]
 
 
 class VbxError(Exception):
@@ -32,3 +33,11 @@ class ExportError(VbxError, RuntimeError):
 
 class CheckError(VbxError, ValueError):
     """An ONNX file that cannot be checked (missing, not ONNX, no annotations, ...)."""
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of ``str(e)`` (the exception's type name if none), cut to
+    ``limit`` characters: how a caught error is quoted inside a vbxfx message."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,5 +1,6 @@
 """The whole fx pipeline in one call: trace -> AnalyzeLayers -> Allocate -> Rewrite, then
-Reconstruct when calibration data is given.
+Reconstruct when calibration data is given (:func:`compress`); trace -> AnalyzeLayers alone
+(:func:`analyze`).
 
 ``compression`` is the fraction of the *eligible* layers' dense hardware MACs to remove;
 ``report["totals"]["macs_removed"]`` (and ``report["achieved"]``) is the fraction of the *whole
@@ -32,19 +33,36 @@ from torch import nn
 
 from vbxfx.errors import ConfigError
 from vbxfx.format import unstructured_macs
-from vbxfx.layers import OTHER_OPS_WARN_SHARE, LayerTable
+from vbxfx.analysis.layers import OTHER_OPS_WARN_SHARE, LayerTable
 from vbxfx.model_state import require_real_tensors
 from vbxfx.modules import DEFAULT_REFRESH_EVERY
 from vbxfx.passes.allocate import Allocate, Allocation
 from vbxfx.passes.analyze_layers import AnalyzeLayers
 from vbxfx.passes.reconstruct import Reconstruct
-from vbxfx.reconstruct import OPTIONS as RECONSTRUCT_OPTIONS
+from vbxfx.refit.reconstruct import OPTIONS as RECONSTRUCT_OPTIONS
 from vbxfx.passes.rewrite import LayerRewrite, Rewrite
-from vbxfx.trace import ROOT_KEY, trace
+from vbxfx.analysis.trace import ROOT_KEY, trace
 
-__all__ = ["compress", "CompressResult", "build_report"]
+__all__ = ["analyze", "compress", "CompressResult", "build_report"]
 
 logger = logging.getLogger(__name__)
+
+
+def analyze(model: nn.Module, example_inputs: Any, *, exclude: Any = (), leaf_modules: Any = (),
+            frontend: str = "auto") -> LayerTable:
+    """Trace ``model`` and run :class:`vbxfx.passes.AnalyzeLayers` on it.
+
+    >>> import torch, vbxfx
+    >>> table = vbxfx.analyze(torch.nn.Conv2d(3, 8, 3), torch.randn(1, 3, 8, 8))
+    >>> [(layer.name, layer.macs) for layer in table]
+    [('', 7776)]
+
+    Raises:
+        TraceError: see :func:`trace`.
+        ConfigError: bad arguments, or an ``exclude`` pattern that matches no layer.
+    """
+    gm = trace(model, example_inputs, leaf_modules=leaf_modules, frontend=frontend)
+    return AnalyzeLayers(exclude=exclude)(gm).details
 
 
 class CompressResult(NamedTuple):

@@ -7,7 +7,7 @@ The seed workflow is: train, compress, fine-tune with the same loop::
 
 Eligible layers are found with ``named_modules``: ``nn.Conv2d`` with ``groups=1`` and
 ``nn.Linear`` whose own forward computes with their weight. There is no example input, so no
-trace; instead a static check (:func:`vbxfx.weight_use.direct_weight_readers`) reads each
+trace; instead a static check (:func:`vbxfx.analysis.weight_use.direct_weight_readers`) reads each
 parent's ``forward`` source for ``self.<child>.weight`` and knows the torch/torchvision classes
 that do that (``nn.MultiheadAttention``'s ``out_proj``, Swin's ``qkv`` / ``proj``,
 ``nn.TransformerEncoderLayer``'s fast path): compressing such a layer would change nothing
@@ -51,15 +51,15 @@ from torch import nn
 
 from vbxfx.errors import ConfigError, FormatError
 from vbxfx.format import hardware_macs
-from vbxfx.layer_records import parameter_owners
-from vbxfx.layers import LINEAR_NOTE, LayerInfo, LayerTable, module_kind
+from vbxfx.analysis.layer_records import parameter_owners
+from vbxfx.analysis.layers import LINEAR_NOTE, LayerInfo, LayerTable, module_kind
 from vbxfx.model_state import require_real_tensors
 from vbxfx.modules import DEFAULT_REFRESH_EVERY
-from vbxfx.overrides import describe, merged_overrides
+from vbxfx.allocation.overrides import describe, merged_overrides
 from vbxfx.passes.allocate import allocate
 from vbxfx.passes.analyze_layers import FROZEN_REASON
 from vbxfx.passes.rewrite import normalize_plan, rewrite_modules
-from vbxfx.weight_use import called_layers, direct_weight_readers
+from vbxfx.analysis.weight_use import called_layers, direct_weight_readers
 
 __all__ = ["compress_vbx3", "compress_vbx3_unstructured", "layer_table_of"]
 
@@ -216,7 +216,7 @@ def compress_vbx3(model: nn.Module, compression: float,
         compression: fraction of the eligible layers' weights removed, in [0.5, 0.75].
         json_file: per-layer levels in the seed format ``{"layer.fqn": 0.5 | 0.66 | 0.75 |
             "dense"}``, a JSON file's path or the mapping itself (see
-            :mod:`vbxfx.overrides`: 0.66 goes to the nearest level, 1:4);
+            :mod:`vbxfx.allocation.overrides`: 0.66 goes to the nearest level, 1:4);
             the other layers make up the difference to ``compression``. When the file
             sets every eligible layer, ``compression`` is only range-checked.
         pairing, refresh_every: options of the compressed layers (see vbxfx.modules).

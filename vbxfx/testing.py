@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from vbxfx.model_state import float_dtype, require_real_tensors
-from vbxfx.tolerances import tolerances_for
+from vbxfx.check.tolerances import tolerances_for
 
 __all__ = ["assert_onnx_equivalent"]
 
@@ -23,7 +23,7 @@ def assert_onnx_equivalent(torch_model: torch.nn.Module, onnx_path: str | os.Pat
                            atol: float | None = None) -> None:
     """Assert that onnxruntime and torch agree on ``inputs`` (a Tensor, a tuple of Tensors,
     or a list of such sets): ``max|onnx - torch| <= atol + rtol * max|torch|`` per output.
-    ``rtol`` / ``atol`` default to those of the model's dtype (:mod:`vbxfx.tolerances`).
+    ``rtol`` / ``atol`` default to those of the model's dtype (:mod:`vbxfx.check.tolerances`).
 
     Raises:
         AssertionError: naming the input set, the output and its max abs / rel error.
@@ -32,7 +32,7 @@ def assert_onnx_equivalent(torch_model: torch.nn.Module, onnx_path: str | os.Pat
     """
     import onnxruntime as ort
 
-    from vbxfx.check import _in_file_dtype, _input_sets
+    from vbxfx.check.onnx_check import _in_file_dtype, _input_sets
     from vbxfx.errors import CheckError
     from vbxfx.export.numerics import (_input_specs, _rounded, _validate, compare_arrays,
                                         run_torch, runnable)

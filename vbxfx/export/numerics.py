@@ -13,6 +13,7 @@ need the impossible relative accuracy an element-wise test would ask of it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,9 +21,21 @@ import torch
 
 from vbxfx.errors import CheckError
 
-__all__ = ["compare", "compare_arrays", "run_onnx", "run_torch", "runnable", "ORT_DTYPES"]
+__all__ = ["OutputRow", "compare", "compare_arrays", "run_onnx", "run_torch", "runnable",
+           "ORT_DTYPES"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutputRow:
+    """onnxruntime vs torch on one output for one input set."""
+
+    inputs: str
+    output: str
+    max_abs: float
+    max_rel: float          # max_abs / max|torch output|
+    ok: bool
 
 #: onnxruntime's input type strings and the numpy dtypes they take.
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
@@ -122,7 +135,7 @@ def run_torch(model: torch.nn.Module, arrays: tuple) -> list[np.ndarray]:
     from torch.utils._pytree import tree_flatten
 
     from vbxfx.model_state import float_dtype
-    from vbxfx.trace import preserved_state
+    from vbxfx.analysis.trace import preserved_state
 
     dtype = float_dtype(model)
     tensors = [torch.from_numpy(np.array(a)) for a in arrays]
@@ -146,7 +159,6 @@ def compare(path: str, torch_model: torch.nn.Module | None, sets: list[tuple[str
     """Run every input set through onnxruntime (and torch); append rows and problems."""
     import onnxruntime as ort
 
-    from vbxfx.check import OutputRow
 
     try:
         options = ort.SessionOptions()

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from vbxfx.errors import ConfigError, ExportError, VbxError
+from vbxfx.errors import one_line as _one_line
 from vbxfx.export.annotations import LayerAnnotation, normalize_annotations
 from vbxfx.export.mapping import annotate, map_layers
 
@@ -252,7 +253,7 @@ def _uncalled_to_dense(work: nn.Module, inputs: tuple,
     ``.weight`` itself); return ``{fqn: reason}``."""
     from vbxfx.modules import is_compressed
     from vbxfx.modules.swap import replace_module
-    from vbxfx.weight_use import called_layers
+    from vbxfx.analysis.weight_use import called_layers
 
     names = [n for n, m in work.named_modules() if is_compressed(m)]
     for name in annotations or ():
@@ -423,9 +424,3 @@ def _export(original: nn.Module, work: nn.Module, inputs: tuple, tmp: str, opset
         raise ExportError(f"the dynamo exporter failed on {type(original).__name__}: "
                           f"{type(e).__name__}: {_one_line(e)}") from e
     return "dynamo"
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -69,7 +69,7 @@ class TfliteExport:
     versions: dict[str, str]
     calibration: str
     seconds: float
-    check: Any = None            # a vbxfx.check_tflite.TfliteCheckReport
+    check: Any = None            # a vbxfx.check.tflite_check.TfliteCheckReport
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,7 +160,7 @@ def _calibration(calib: Any, shape: tuple[int, ...], normalize: str) -> tuple[An
     import numpy as np
     import torch
 
-    from vbxfx.calib import load_calibration, natural_image_crops
+    from vbxfx.inputs.calib import load_calibration, natural_image_crops
     from vbxfx.errors import ConfigError
 
     if normalize not in _MEAN_STD:
@@ -282,7 +282,7 @@ def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *
     """
     import numpy as np
 
-    from vbxfx.check_tflite import check_tflite
+    from vbxfx.check.tflite_check import check_tflite
     from vbxfx.export.reader import load_onnx, read_annotations
 
     say = progress or (lambda text: None)

@@ -1,6 +1,6 @@
 """The allocation's costs after the refit: what each level leaves once the layer is refit.
 
-The data-free ``"weight"`` sensitivity (:mod:`vbxfx.sensitivity`) scores a level by the
+The data-free ``"weight"`` sensitivity (:mod:`vbxfx.allocation.sensitivity`) scores a level by the
 noise its projection adds at the layer's BatchNorm-normalised output. With calibration data
 the refit changes that picture: some layers absorb most of a 1:4 pattern once their kept
 weights are refit, others do not. :func:`refit_sensitivity` scores each level by the same
@@ -21,7 +21,7 @@ from vbxfx.format import encode_weight, project_weight
 from vbxfx.refit.obs import obs_project
 from vbxfx.refit.rows import Problem
 from vbxfx.refit.solve import damped, solve_in_pattern
-from vbxfx.sensitivity import LayerStats
+from vbxfx.allocation.sensitivity import LayerStats
 
 __all__ = ["refit_sensitivity", "channel_errors"]
 
@@ -55,7 +55,7 @@ def level_error(weight: torch.Tensor, bias: torch.Tensor | None, p: Problem, rep
 
 
 def _ratio(noise: torch.Tensor, signal: torch.Tensor, st: LayerStats | None) -> float:
-    """The noise-to-signal ratio of :func:`vbxfx.sensitivity.weight_sensitivity`."""
+    """The noise-to-signal ratio of :func:`vbxfx.allocation.sensitivity.weight_sensitivity`."""
     st = st or LayerStats()
     if st.out_gain is not None and st.out_energy:
         ratio = float((st.out_gain.double() * noise).sum()) / st.out_energy

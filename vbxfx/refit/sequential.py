@@ -26,8 +26,8 @@ import torch.fx
 from torch import nn
 
 from vbxfx.errors import ConfigError
-from vbxfx.layers import LAYER_TYPES
-from vbxfx.trace import eval_mode, preserved_state
+from vbxfx.analysis.layers import LAYER_TYPES
+from vbxfx.analysis.trace import eval_mode, preserved_state
 
 __all__ = ["trace_for_refit", "run_side_by_side", "Visit"]
 

@@ -103,7 +103,7 @@ def load_declarations(expect: Any) -> tuple[str, list[Declared]]:
     if path.lower().endswith(".onnx"):
         return f"{path} (vbxfx ONNX annotations)", _from_onnx(path)
     if path.lower().endswith((".pt", ".pth")):
-        from vbxfx.model_spec import resolve_model
+        from vbxfx.inputs.model_spec import resolve_model
         try:
             model = resolve_model(path).model
         except VbxError as e:

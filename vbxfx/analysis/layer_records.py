@@ -27,8 +27,8 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from vbxfx.format.cost import REPEATS, hardware_macs
-from vbxfx.layers import LINEAR_NOTE, LayerInfo, module_kind
-from vbxfx.weight_use import UNUSED_FORWARD
+from vbxfx.analysis.layers import LINEAR_NOTE, LayerInfo, module_kind
+from vbxfx.analysis.weight_use import UNUSED_FORWARD
 
 __all__ = ["FUNCTIONS", "weight_owner", "arg", "functional_kind", "ineligible", "structural_reason", "layer_info",
            "uncalled_info", "parameter_owners", "others_sharing", "write_tensor_meta",

@@ -21,7 +21,7 @@ hardware MACs** (every layer at ``R=4``, input channels padded to 8: :meth:`Laye
 with no repeats), **hardware MACs after** compression (with the chosen repeats); "removed" is
 always ``1 - after / dense hardware MACs``.
 
->>> from vbxfx.layers import LayerInfo, LayerTable
+>>> from vbxfx.analysis.layers import LayerInfo, LayerTable
 >>> conv = LayerInfo(name="conv", kind="conv2d", node_name="conv", weight_shape=(8, 3, 3, 3),
 ...                  in_shape=(1, 3, 8, 8), out_shape=(1, 8, 6, 6), calls=1, in_channels=3,
 ...                  out_channels=8, groups=1, kernel_positions=9, output_positions=36,

@@ -14,9 +14,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from vbxfx.tolerances import TOLERANCES
+from vbxfx.check.tolerances import TOLERANCES
+from vbxfx.errors import VbxError
 
-__all__ = ["add_check_arguments", "run_check_command", "main_check"]
+__all__ = ["add_check_arguments", "run_check_command", "main_check", "is_tflite_path",
+           "run_tflite_check"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ def _load_input(path: str) -> tuple:
     import numpy as np
 
     from vbxfx.errors import CheckError
-    from vbxfx.check import _one_line
+    from vbxfx.errors import one_line as _one_line
 
     if not os.path.isfile(path):
         raise CheckError(f"--input {path}: no such file")
@@ -76,18 +78,17 @@ def _load_input(path: str) -> tuple:
 
 def run_check_command(args: argparse.Namespace) -> int:
     """Run ``vbxfx check`` with parsed options; print a table (or JSON); return the exit code."""
-    from vbxfx.errors import VbxError
-    from vbxfx.check_tflite import is_tflite_path, run_tflite_check
     if is_tflite_path(args.onnx):
         return run_tflite_check(args)
     if getattr(args, "expect", None):
         return _fail(args, "--expect applies to .tflite files; an ONNX file carries its own "
                            "annotations (or give --model / --layers for one another tool wrote)")
     try:
-        from vbxfx.check import _one_line, check_onnx
+        from vbxfx.check.onnx_check import check_onnx
+        from vbxfx.errors import one_line as _one_line
         model = None
         if args.model:
-            from vbxfx.model_spec import resolve_model
+            from vbxfx.inputs.model_spec import resolve_model
             model = resolve_model(args.model, args.weights).model
         elif args.weights:
             return _fail(args, "--weights needs --model SPEC (the architecture to load them into)")
@@ -117,6 +118,43 @@ def _fail(args: argparse.Namespace, message: str) -> int:
         print(json.dumps({"ok": False, "exit_code": 2, "error": message}))
     print(f"vbxfx check: error: {message}", file=sys.stderr)
     return 2
+
+
+# ----------------------------------------------------------------------------- TFLite files
+
+
+def is_tflite_path(path: str) -> bool:
+    """Whether ``vbxfx check PATH`` should treat PATH as a TFLite file: its bytes say so
+    (``TFL3`` at byte 4), or its name ends in ``.tflite``."""
+    from vbxfx.export.tflite_reader import is_tflite
+
+    return is_tflite(path) or str(path).lower().endswith(".tflite")
+
+
+def run_tflite_check(args: argparse.Namespace) -> int:
+    """``vbxfx check FILE.tflite [--expect FILE] [--json]``: print the report, return 0/1/2."""
+    from vbxfx.check.tflite_check import check_tflite
+
+    onnx_only = [flag for flag, value in (("--model", getattr(args, "model", None)),
+                                          ("--weights", getattr(args, "weights", None)),
+                                          ("--input", getattr(args, "input", None)))
+                 if value]
+    if onnx_only:
+        return _fail(args, f"{', '.join(onnx_only)} appl{'y' if len(onnx_only) > 1 else 'ies'} "
+                           "to ONNX files; for a TFLite file give --expect FILE")
+    if not getattr(args, "json", False) and not getattr(args, "quiet", False):
+        print(f"  checking the int8 filters of {args.onnx} ...", file=sys.stderr, flush=True)
+    try:
+        report = check_tflite(args.onnx, expect=getattr(args, "expect", None))
+    except VbxError as e:
+        return _fail(args, str(e))
+    except Exception as e:  # never a traceback on the command line
+        logger.debug("check failed", exc_info=True)
+        return _fail(args, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    print(report.to_json() if getattr(args, "json", False) else report)
+    return 0 if report.ok else 1
+
+
 
 
 def main_check(argv: Sequence[str] | None = None) -> int:

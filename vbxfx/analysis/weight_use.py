@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from vbxfx.layers import module_kind
+from vbxfx.analysis.layers import module_kind
 
 __all__ = ["direct_weight_readers", "called_layers", "KNOWN_READERS", "UNUSED_FORWARD"]
 
@@ -137,7 +137,7 @@ def called_layers(model: nn.Module, example_inputs: tuple,
     """Run ``model`` once (eval mode, FakeTensors, no_grad, state restored) with hooks on the
     layers ``names``; return ``(layers whose forward ran, {layer: reason} for the weights
     used directly by something else)``."""
-    from vbxfx.trace import preserved_state, run_shapes_only
+    from vbxfx.analysis.trace import preserved_state, run_shapes_only
 
     ran: set[str] = set()
     active: list[str] = []

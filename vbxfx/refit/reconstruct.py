@@ -26,7 +26,7 @@ hardware MACs removed is 83 / 76 / 73 % with the defaults, 65 / 11 / 11 % with t
 refit and the projection's pattern (BENCHMARKS.md, issue 15, with every variant tried).
 
 >>> import torch, vbxfx
->>> from vbxfx.demo import DemoNet
+>>> from vbxfx.inputs.demo import DemoNet
 >>> dense = DemoNet().eval(); x = torch.randn(16, 3, 64, 64)
 >>> small = vbxfx.compress(dense, x[:1], compression=0.66).model      # doctest: +SKIP
 >>> reconstruct(small, dense, x).layers[0].error_after <= 1           # doctest: +SKIP
@@ -51,7 +51,7 @@ from vbxfx.refit.layer import PATTERNS, LayerRefit, refit_compressed, refit_dens
 from vbxfx.refit.local import local_problems
 from vbxfx.refit.rows import Problem, input_rows, is_depthwise, output_rows, sample_positions
 from vbxfx.refit.sequential import run_side_by_side, trace_for_refit
-from vbxfx.sensitivity import calib_batches
+from vbxfx.allocation.sensitivity import calib_batches
 
 __all__ = ["reconstruct", "ReconstructResult", "LayerRefit", "METHODS", "PATTERNS", "Progress",
            "OPTIONS"]

@@ -22,7 +22,7 @@ import difflib
 import io
 import logging
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.fx
@@ -31,15 +31,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from vbxfx.errors import ConfigError, TraceError
-from vbxfx.trace_errors import one_line as _one_line
-from vbxfx.trace_errors import trace_error as _trace_error
-from vbxfx.layers import LAYER_TYPES
+from vbxfx.errors import one_line as _one_line
+from vbxfx.analysis.trace_errors import trace_error as _trace_error
+from vbxfx.analysis.layers import LAYER_TYPES
 
-__all__ = ["trace", "analyze", "FRONTENDS", "FRONTEND_KEY", "ROOT_KEY", "INPUTS_KEY", "get_root",
+__all__ = ["trace", "FRONTENDS", "FRONTEND_KEY", "ROOT_KEY", "INPUTS_KEY", "get_root",
            "eval_mode", "preserved_state", "run_shapes_only"]
-
-if TYPE_CHECKING:
-    from vbxfx.layers import LayerTable
 
 logger = logging.getLogger(__name__)
 
@@ -141,25 +138,6 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Any = (),
     logger.debug("traced %s with %s: %d nodes", type(model).__name__, used,
                  len(gm.graph.nodes))
     return gm
-
-
-def analyze(model: nn.Module, example_inputs: Any, *, exclude: Any = (), leaf_modules: Any = (),
-            frontend: str = "auto") -> "LayerTable":
-    """Trace ``model`` and run :class:`vbxfx.passes.AnalyzeLayers` on it.
-
-    >>> import torch, vbxfx
-    >>> table = vbxfx.analyze(torch.nn.Conv2d(3, 8, 3), torch.randn(1, 3, 8, 8))
-    >>> [(layer.name, layer.macs) for layer in table]
-    [('', 7776)]
-
-    Raises:
-        TraceError: see :func:`trace`.
-        ConfigError: bad arguments, or an ``exclude`` pattern that matches no layer.
-    """
-    from vbxfx.passes.analyze_layers import AnalyzeLayers  # passes import this module
-
-    gm = trace(model, example_inputs, leaf_modules=leaf_modules, frontend=frontend)
-    return AnalyzeLayers(exclude=exclude)(gm).details
 
 
 def get_root(gm: torch.fx.GraphModule) -> nn.Module:

@@ -45,22 +45,23 @@ import onnx
 import torch
 
 from vbxfx.errors import CheckError
+from vbxfx.errors import one_line as _one_line
 from vbxfx.export.graph import OnnxGraph, attribute
 from vbxfx.export.reader import annotated_nodes, load_onnx
 from vbxfx.export.foreign import foreign_nodes, has_annotations
+from vbxfx.export.numerics import OutputRow
 from vbxfx.export.verify import dense_mults, verify_layer
 from vbxfx.export.macs import complete_shapes, model_macs
 from vbxfx.format.cost import hardware_macs
 from vbxfx.model_state import float_dtype, require_real_tensors
-from vbxfx.tolerances import TOLERANCES, tolerances_for
+from vbxfx.check.tolerances import TOLERANCES, tolerances_for
 
-__all__ = ["check_onnx", "CheckReport", "LayerRow", "OutputRow", "DEFAULT_RTOL", "DEFAULT_ATOL",
-           "add_check_arguments", "run_check_command", "main_check"]
+__all__ = ["check_onnx", "CheckReport", "LayerRow", "OutputRow", "DEFAULT_RTOL", "DEFAULT_ATOL"]
 
 logger = logging.getLogger(__name__)
 
 #: Tolerances of the numerical comparison (``atol + rtol * max|torch output|``) for a float32
-#: torch model; other dtypes get theirs from :data:`vbxfx.tolerances.TOLERANCES`.
+#: torch model; other dtypes get theirs from :data:`vbxfx.check.tolerances.TOLERANCES`.
 DEFAULT_RTOL, DEFAULT_ATOL = TOLERANCES["float32"]
 
 
@@ -81,17 +82,6 @@ class LayerRow:
     problems: tuple[str, ...] = ()
     hw_macs_dense: int | None = None        # the layer at R=4, input channels padded to 8
     warnings: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class OutputRow:
-    """onnxruntime vs torch on one output for one input set."""
-
-    inputs: str
-    output: str
-    max_abs: float
-    max_rel: float          # max_abs / max|torch output|
-    ok: bool
 
 
 @dataclass
@@ -201,7 +191,7 @@ def check_onnx(path: str | os.PathLike, *, torch_model: torch.nn.Module | None =
         inputs: user inputs: one set (Tensor, ndarray or tuple) or a list of sets.
         n_random: random input sets (standard normal, seeded with ``seed``).
         rtol, atol: tolerances; None takes those of the torch model's dtype
-            (:data:`vbxfx.tolerances.TOLERANCES`: 1e-5 / 1e-6 for float32, 1e-2 / 1e-5 for
+            (:data:`vbxfx.check.tolerances.TOLERANCES`: 1e-5 / 1e-6 for float32, 1e-2 / 1e-5 for
             float16).
         layers: for a file without annotations (exported by another tool, e.g. ``yolo
             export``): a layers file or mapping (see :mod:`vbxfx.export.foreign`); with
@@ -396,15 +386,3 @@ def _as_set(value: Any, what: str) -> tuple:
         else:
             raise CheckError(f"{what}: expected Tensors or numpy arrays, got {type(item).__name__}")
     return tuple(out)
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# --------------------------------------------------------------------------- command line
-# (in vbxfx.check_command, which builds the parser without importing torch or onnx)
-
-from vbxfx.check_command import add_check_arguments, main_check, run_check_command  # noqa: E402

@@ -8,7 +8,7 @@ statistics are frozen by default, since a few hundred crops estimate them worse 
 training set did; the compressed layers keep refreshing their patterns as they train.
 
 >>> import torch, vbxfx
->>> from vbxfx.demo import DemoNet
+>>> from vbxfx.inputs.demo import DemoNet
 >>> teacher = DemoNet(); x = torch.randn(1, 3, 64, 64)
 >>> student = vbxfx.compress(teacher, x, compression=0.66).model   # doctest: +SKIP
 >>> distill(student, teacher, torch.randn(32, 3, 64, 64), steps=5).losses[-1] >= 0  # doctest: +SKIP

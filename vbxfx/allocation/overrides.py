@@ -19,7 +19,7 @@ Keys are exact names or fnmatch globs (``"features.1?.conv.2"``); an exact name 
 glob, and a later glob over an earlier one. Listed layers are fixed; the others take part in
 the global choice and make up the difference to the target.
 
->>> from vbxfx.layers import LayerInfo, LayerTable
+>>> from vbxfx.analysis.layers import LayerInfo, LayerTable
 >>> conv = LayerInfo("conv", "conv2d", "conv", (8, 8, 1, 1), (1, 8, 4, 4), (1, 8, 4, 4), 1,
 ...                  8, 8, 1, 1, 16, 1024, {4: 1024, 2: 512, 1: 256}, 72, True)
 >>> resolve_overrides({"conv": 0.75}, LayerTable([conv]))
@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vbxfx.errors import ConfigError
-from vbxfx.layers import LayerTable
+from vbxfx.analysis.layers import LayerTable
 
 __all__ = ["DENSE", "FORMATS", "COMP_LEVELS", "load_overrides", "resolve_overrides",
            "merged_overrides", "describe"]

@@ -20,7 +20,7 @@ activations are tiny), many output channels left all zero, or (with the float we
 vbxfx ONNX) a share of the kept weights rounded to zero. DEPTHWISE_CONV_2D stays dense in
 the compiler and is only counted.
 
-With ``expect`` (see :mod:`vbxfx.tflite_expect`) every compressed layer vbxfx declared is
+With ``expect`` (see :mod:`vbxfx.check.tflite_expect`) every compressed layer vbxfx declared is
 matched to a TFLite layer; a structured layer whose int8 filter fits another repeat than
 the declared one, or a declared layer with no TFLite layer, is a problem (exit 1). An
 unstructured layer that needs more multipliers than vbxfx counted is a warning.
@@ -33,11 +33,9 @@ unstructured layer that needs more multipliers than vbxfx counted is a warning.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -45,13 +43,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from vbxfx.errors import CheckError, VbxError
-from vbxfx.export.tflite_reader import TfliteModel, TfliteOperator, is_tflite, read_tflite
+from vbxfx.errors import CheckError
+from vbxfx.export.tflite_reader import TfliteModel, TfliteOperator, read_tflite
 from vbxfx.format import explain_violation, hardware_macs, unstructured_macs, weight_repeat
-from vbxfx.tflite_expect import Declared, load_declarations, match_layers, to_compiler_layout
+from vbxfx.check.tflite_expect import Declared, load_declarations, match_layers, to_compiler_layout
 
 __all__ = ["check_tflite", "TfliteCheckReport", "TfliteLayerRow", "RAISED_SCALE",
-           "ZEROED_SHARE", "ZERO_ROWS_SHARE", "is_tflite_path", "run_tflite_check"]
+           "ZEROED_SHARE", "ZERO_ROWS_SHARE"]
 
 logger = logging.getLogger(__name__)
 
@@ -359,38 +357,3 @@ def _quantization_warnings(label: str, q: np.ndarray, quant, decl: Declared | No
     why = (" (onnx2tf raises the scale to keep each int32 bias within +-2**30 where the "
            "layer's input is tiny)") if raised.any() else ""
     return [f"{label}: quantization changed this layer: {'; '.join(notes)}{why}"]
-
-
-# ------------------------------------------------------------------------------ command line
-
-
-def is_tflite_path(path: str) -> bool:
-    """Whether ``vbxfx check PATH`` should treat PATH as a TFLite file: its bytes say so
-    (``TFL3`` at byte 4), or its name ends in ``.tflite``."""
-    return is_tflite(path) or str(path).lower().endswith(".tflite")
-
-
-def run_tflite_check(args: argparse.Namespace) -> int:
-    """``vbxfx check FILE.tflite [--expect FILE] [--json]``: print the report, return 0/1/2."""
-    from vbxfx.check_command import _fail
-
-    onnx_only = [flag for flag, value in (("--model", getattr(args, "model", None)),
-                                          ("--weights", getattr(args, "weights", None)),
-                                          ("--input", getattr(args, "input", None)))
-                 if value]
-    if onnx_only:
-        return _fail(args, f"{', '.join(onnx_only)} appl{'y' if len(onnx_only) > 1 else 'ies'} "
-                           "to ONNX files; for a TFLite file give --expect FILE")
-    if not getattr(args, "json", False) and not getattr(args, "quiet", False):
-        print(f"  checking the int8 filters of {args.onnx} ...", file=sys.stderr, flush=True)
-    try:
-        report = check_tflite(args.onnx, expect=getattr(args, "expect", None))
-    except VbxError as e:
-        return _fail(args, str(e))
-    except Exception as e:  # never a traceback on the command line
-        logger.debug("check failed", exc_info=True)
-        return _fail(args, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    print(report.to_json() if getattr(args, "json", False) else report)
-    return 0 if report.ok else 1
-
-

@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 from vbxfx.errors import ConfigError
 from vbxfx.format import project_unstructured, project_weight
 from vbxfx.meta import LAYER_KEY
-from vbxfx.trace import eval_mode
+from vbxfx.analysis.trace import eval_mode
 
 __all__ = ["project", "projected", "LayerStats", "layer_statistics", "weight_sensitivity",
            "output_sensitivity", "eval_fn_sensitivity", "output_divergence", "calib_batches"]

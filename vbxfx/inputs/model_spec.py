@@ -11,7 +11,7 @@ Accepted forms:
 * ``PATH.pt`` / ``PATH.pth``: a whole model saved with ``torch.save(model, PATH)``, or a
   checkpoint that ultralytics' trainer wrote (``runs/detect/train/weights/best.pt``: its EMA
   model when present, else its model, in float32; the input size it trained at);
-* ``demo``: the small CNN that ships with vbxfx (:mod:`vbxfx.demo`, 64x64).
+* ``demo``: the small CNN that ships with vbxfx (:mod:`vbxfx.inputs.demo`, 64x64).
 
 ``weights`` (a ``state_dict`` file) is loaded on top with ``strict=True``.
 """
@@ -245,8 +245,8 @@ def resolve_model(spec: str, weights: str | None = None) -> ResolvedModel:
     """
     spec = str(spec).strip()
     if spec in ("demo", "vbxfx:demo"):
-        from vbxfx.demo import DemoNet
-        resolved = ResolvedModel(DemoNet(), DemoNet.example_input_shape, "demo", "vbxfx.demo.DemoNet")
+        from vbxfx.inputs.demo import DemoNet
+        resolved = ResolvedModel(DemoNet(), DemoNet.example_input_shape, "demo", "vbxfx.inputs.demo.DemoNet")
     elif spec.startswith("torchvision:"):
         resolved = _torchvision(spec, spec.split(":", 1)[1])
     elif spec.startswith("ultralytics:"):

@@ -16,18 +16,13 @@ import types
 import torch
 from torch import nn
 
-from vbxfx.errors import TraceError
+from vbxfx.errors import TraceError, one_line
 
-__all__ = ["trace_error", "one_line"]
+__all__ = ["trace_error"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _VBXFX_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
-
-def one_line(e: BaseException, limit: int = 240) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _user_frame(e: BaseException) -> types.FrameType | None:
