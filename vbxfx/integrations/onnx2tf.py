@@ -17,7 +17,10 @@ what onnx2tf does to its user (``docs/format.md``, "The hand-off"):
 
 Then it copies ``saved_model/model_full_integer_quant.tflite`` to the output (an existing
 file is kept unless ``force``) and runs :func:`vbxfx.check_tflite` on it with the ONNX's
-annotations as the expectation.
+annotations as the expectation. onnx2tf's ``model_float32.tflite`` (the same graph, op for op,
+in float) is kept beside it as ``NAME_float32.tflite`` (:func:`float_reference_path`): the
+reference that ``vbxfx check model.tflite --model SPEC --calib DATA`` compares every int8
+tensor with (:func:`vbxfx.quant.compare_int8`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import Any
 
 from vbxfx.errors import CheckError, ExportError
 
-__all__ = ["convert_to_tflite", "find_onnx2tf", "converter_versions", "TfliteExport",
+__all__ = ["convert_to_tflite", "find_onnx2tf", "float_reference_path", "converter_versions", "TfliteExport",
            "add_export_arguments", "run_export_command", "SDK_VERSIONS", "ENV_ONNX2TF",
            "ENV_TFLITE_ENV", "DEFAULT_ENV_DIR", "SAMPLE_FILE"]
 
@@ -71,9 +74,11 @@ class TfliteExport:
     seconds: float
     check: Any = None            # a vbxfx.check.tflite_check.TfliteCheckReport
     notes: list[str] = field(default_factory=list)
+    float_output: str | None = None   # onnx2tf's float32 TFLite of the same graph, if kept
 
     def to_dict(self) -> dict[str, Any]:
-        return {"onnx": self.onnx, "output": self.output, "onnx2tf": self.onnx2tf,
+        return {"onnx": self.onnx, "output": self.output, "float_output": self.float_output,
+                "onnx2tf": self.onnx2tf,
                 "versions": dict(self.versions), "calibration": self.calibration,
                 "seconds": self.seconds, "notes": list(self.notes),
                 "check": None if self.check is None else self.check.to_dict()}
@@ -135,6 +140,17 @@ def _sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def float_reference_path(output: str | os.PathLike) -> str:
+    """Where :func:`convert_to_tflite` keeps onnx2tf's float32 TFLite beside ``output``:
+    ``model.tflite -> model_float32.tflite``.
+
+    >>> float_reference_path("out/model.tflite")
+    'out/model_float32.tflite'
+    """
+    root, ext = os.path.splitext(os.fspath(output))
+    return f"{root}_float32{ext or '.tflite'}"
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -261,7 +277,7 @@ def _tail(log_path: str, n: int = 3) -> str:
 def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *,
                       calib: Any = None, normalize: str = "imagenet",
                       onnx2tf: str | None = None, force: bool = False,
-                      work_dir: str | None = None,
+                      work_dir: str | None = None, keep_float: bool = True,
                       progress: Callable[[str], None] | None = None) -> TfliteExport:
     """Convert ``onnx_path`` to int8 TFLite at ``output`` and check it (module docstring).
 
@@ -271,14 +287,18 @@ def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *
         normalize: ``"imagenet"`` (mean/std of torchvision models, applied to images) or
             ``"none"`` (inputs in [0, 1], e.g. ultralytics YOLO).
         onnx2tf: the onnx2tf executable (default: :func:`find_onnx2tf`).
-        force: overwrite an existing ``output``.
+        force: overwrite an existing ``output`` (and its float32 reference).
+        keep_float: also write onnx2tf's float32 TFLite of the same graph at
+            :func:`float_reference_path` (``model_float32.tflite``), the per-layer reference
+            of :func:`vbxfx.quant.compare_int8`.
         work_dir: keep onnx2tf's work (copy, calibration, saved_model, onnx2tf.log) in this
             new or empty folder instead of a temporary one.
         progress: called with one line per conversion stage.
 
     Raises:
         ExportError: the ONNX or the options cannot be used, onnx2tf is missing or fails,
-            or ``output`` exists and ``force`` is not set. Nothing is written then.
+            or ``output`` (or, with ``keep_float``, its float32 reference) exists and
+            ``force`` is not set. Nothing is written then.
     """
     import numpy as np
 
@@ -296,6 +316,12 @@ def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *
         raise ExportError(f"{out}: the TFLite output would replace the ONNX input")
     if os.path.exists(out) and not force:
         raise ExportError(f"{out} exists; vbxfx does not overwrite it (give --force)")
+    float_out = float_reference_path(out) if keep_float else None
+    if float_out is not None and os.path.abspath(float_out) == os.path.abspath(src):
+        raise ExportError(f"{float_out}: the float32 reference would replace the ONNX input")
+    if float_out is not None and os.path.exists(float_out) and not force:
+        raise ExportError(f"{float_out} exists (the float32 reference written beside {out}); "
+                          "vbxfx does not overwrite it (give --force, or --no-float)")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise ExportError(f"{out}: folder {os.path.dirname(os.path.abspath(out))} does not exist")
     name, shape = _image_input(proto, src)
@@ -342,6 +368,14 @@ def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *
         if rc != 0 or not os.path.isfile(made):
             keep = f" (log: {log})" if work_dir else " (give --work-dir DIR to keep its log)"
             raise ExportError(f"onnx2tf failed with exit code {rc}{keep}: {_tail(log)}")
+        made_float = os.path.join(work, "saved_model", "model_float32.tflite")
+        if float_out is not None and os.path.isfile(made_float):
+            shutil.copyfile(made_float, float_out + ".partial")
+            os.replace(float_out + ".partial", float_out)
+            result.float_output = float_out
+        elif float_out is not None:
+            result.notes.append("onnx2tf wrote no model_float32.tflite: compare the int8 file "
+                                "end to end only")
         partial = out + ".partial"
         shutil.copyfile(made, partial)
         os.replace(partial, out)
@@ -373,7 +407,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                              f"${ENV_TFLITE_ENV}/bin, PATH, ./{DEFAULT_ENV_DIR}/bin)")
     parser.add_argument("--work-dir", metavar="DIR",
                         help="keep onnx2tf's work folder (and its log) here")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an existing OUT (and OUT's _float32.tflite)")
+    parser.add_argument("--no-float", action="store_true",
+                        help="do not keep onnx2tf's float32 TFLite beside OUT "
+                             "(NAME_float32.tflite, the per-layer reference of vbxfx check "
+                             "--calib)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
@@ -385,13 +424,16 @@ def run_export_command(args: argparse.Namespace,
     note = note or (lambda text: print(text, file=sys.stderr))
     result = convert_to_tflite(args.onnx, args.tflite, calib=args.calib,
                                normalize=args.normalize, onnx2tf=args.onnx2tf,
-                               force=args.force, work_dir=args.work_dir, progress=note)
+                               force=args.force, work_dir=args.work_dir,
+                               keep_float=not getattr(args, "no_float", False), progress=note)
     for text in result.notes:
         note(f"note: {text}")
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(result.check)
-        print(f"\nwrote {result.output} in {result.seconds:.0f} s"
+        kept = (f" and its float32 reference {result.float_output}" if result.float_output
+                else "")
+        print(f"\nwrote {result.output}{kept} in {result.seconds:.0f} s"
               + ("" if result.check.ok else "  (CHECK FAILED)"))
     return 0 if result.check.ok else 1
