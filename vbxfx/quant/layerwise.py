@@ -12,7 +12,9 @@ its float counterpart ``f``:
 * ``sqnr``: ``f`` against ``q``: the error carried so far (cumulative);
 * ``grid``: ``f`` against ``f`` put on ``q``'s int8 grid (its scale and zero point, rounded
   and clipped): the error of this tensor's activation quantization alone;
-* the observed range of ``f`` and the share of its values outside the int8 range (clipped).
+* the observed range of ``f`` and the share of its values outside the int8 range by more
+  than half a step (clipped: a value within half a step rounds to the end of the range
+  anyway, e.g. white pixels a hair above the input's largest int8 value).
 
 :func:`torch_names` names CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED operators by the torch
 layers they came from (:func:`vbxfx.tflite_expect.match_layers`: filter shape, then zero
@@ -131,6 +133,7 @@ class TensorStats:
             self.fmax = max(self.fmax, float(f.max()))
         if self.info.quantized:
             lo, hi = self.range
+            lo, hi = lo - self.info.scale / 2, hi + self.info.scale / 2
             self.clipped += int(np.count_nonzero((f < lo) | (f > hi)))
             self.grid_noise += float(np.sum((dequantize(quantize(f, self.info), self.info)
                                              - f) ** 2))
