@@ -256,3 +256,25 @@ def test_mobilenet_v2_int8_against_float(tmp_path):
     assert 0.3 <= report.top1 < 1.0 and report.sqnr_db < 20
     assert len(report.layers) == 70
     assert {r.name for r in report.layers} >= {"features.0.0", "classifier.1"}
+
+
+@pytest.mark.parametrize("normalize", ["imagenet", "none"])
+def test_the_file_takes_the_input_its_calibration_was_preprocessed_for(files, report,
+                                                                      normalize):
+    """``vbxfx export --tflite --calib skimage:N --normalize X`` calibrates on images
+    preprocessed by X; fed ImageNet-normalised data, only the ``none`` file clips its input,
+    and the report says so."""
+    out = files["root"] / f"skimage_{normalize}.tflite"
+    convert_to_tflite(files["onnx"], out, calib="skimage:8", normalize=normalize,
+                      onnx2tf=files["exe"])
+    other = compare_int8(out, files["model"], files["data"])
+    first = next(r for r in other.layers if r.op == "INPUT")
+    clipping = [n for n in other.notes if "clips" in n and "--normalize" in n]
+    assert other.float_top1 == 1.0
+    if normalize == "imagenet":
+        # 8 calibration crops: the darkest held-out pixels may fall a little below the range
+        assert first.int8_min < -1.5 and first.int8_max > 1.5 and first.clipped < 0.05
+        assert not clipping
+    else:
+        assert first.int8_min > -0.1 and first.int8_max < 1.1 and first.clipped > 0.2
+        assert len(clipping) == 1 and other.sqnr_db < report.sqnr_db - 10

@@ -48,8 +48,10 @@ logger = logging.getLogger(__name__)
 SHOWN = 15
 #: a float32 file further than this from torch (dB) is reported: wrong model or data
 FLOAT_SQNR_OK = 40.0
-#: share of the input outside the int8 input range that is reported (other preprocessing)
+#: the input clipping reported as other preprocessing: this share of the data outside the
+#: int8 input range, by more than INPUT_OVERSHOOT of that range's width
 INPUT_CLIP_WARN = 0.01
+INPUT_OVERSHOOT = 0.1
 
 
 @dataclass(frozen=True)
@@ -308,7 +310,9 @@ def compare_int8(tflite: str | os.PathLike, model: Any, calib: Any, *,
                      "top-1 and KL are not computed")
     rows = _rows(pairs, stats, qmodel, names)
     first = stats.get(pairs[0].q) if pairs else None
-    if first is not None and first.clipped_share > INPUT_CLIP_WARN:
+    if first is not None and first.clipped_share > INPUT_CLIP_WARN and first.info.quantized \
+            and max(first.range[0] - first.fmin, first.fmax - first.range[1]) \
+            > INPUT_OVERSHOOT * (first.range[1] - first.range[0]):
         notes.append(f"the int8 input range [{first.range[0]:.3g}, {first.range[1]:.3g}] clips "
                      f"{first.clipped_share:.1%} of the data: was the file calibrated with "
                      "other preprocessing (--normalize)?")
