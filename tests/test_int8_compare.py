@@ -17,13 +17,13 @@ import pytest
 import torch
 
 import vbxfx
-from vbxfx.calib import natural_image_crops
 from vbxfx.cli import main
-from vbxfx.demo import DemoNet
 from vbxfx.errors import CheckError, ConfigError, ExportError
 from vbxfx.export.tflite_reader import read_tflite
-from vbxfx.integrations.onnx2tf import convert_to_tflite, find_onnx2tf, float_reference_path
-from vbxfx.quant import compare_int8, kl_divergence, sqnr_db, top1_agreement
+from vbxfx.inputs.calib import natural_image_crops
+from vbxfx.inputs.demo import DemoNet
+from vbxfx.integrations.onnx2tf import convert_to_tflite, find_onnx2tf
+from vbxfx.quant import compare_int8, float_reference_path, kl_divergence, sqnr_db, top1_agreement
 from vbxfx.quant.interpreter import to_torch_layout
 
 REPO_ENV = Path(__file__).resolve().parents[1] / ".venv-tflite" / "bin" / "onnx2tf"
@@ -231,6 +231,10 @@ def test_check_command_with_calib(files, capsys):
     assert rc == 0 and "where int8 error enters" in out and "float32 TFLite vs torch" in out
     assert main(["check", str(files["tflite"]), "--calib", "skimage:4"]) == 2
     assert "--calib needs --model" in capsys.readouterr().err
+    assert main(["check", str(files["onnx"]), "--model", "demo", "--calib", "skimage:4"]) == 2
+    assert "--calib applies to .tflite files" in capsys.readouterr().err
+    assert main(["check", str(files["tflite"]), "--model", "demo"]) == 2       # as before
+    assert "--model SPEC --calib DATA" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ MobileNetV2

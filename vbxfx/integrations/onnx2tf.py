@@ -41,10 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vbxfx.errors import CheckError, ExportError
+from vbxfx.quant.files import float_reference_path
 
-__all__ = ["convert_to_tflite", "find_onnx2tf", "float_reference_path", "converter_versions", "TfliteExport",
-           "add_export_arguments", "run_export_command", "SDK_VERSIONS", "ENV_ONNX2TF",
-           "ENV_TFLITE_ENV", "DEFAULT_ENV_DIR", "SAMPLE_FILE"]
+__all__ = ["convert_to_tflite", "find_onnx2tf", "float_reference_path", "converter_versions",
+           "TfliteExport", "add_export_arguments", "run_export_command", "SDK_VERSIONS",
+           "ENV_ONNX2TF", "ENV_TFLITE_ENV", "DEFAULT_ENV_DIR", "SAMPLE_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,17 +141,6 @@ def _sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def float_reference_path(output: str | os.PathLike) -> str:
-    """Where :func:`convert_to_tflite` keeps onnx2tf's float32 TFLite beside ``output``:
-    ``model.tflite -> model_float32.tflite``.
-
-    >>> float_reference_path("out/model.tflite")
-    'out/model_float32.tflite'
-    """
-    root, ext = os.path.splitext(os.fspath(output))
-    return f"{root}_float32{ext or '.tflite'}"
 
 
 # ------------------------------------------------------------------------------ inputs

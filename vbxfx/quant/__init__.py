@@ -2,26 +2,20 @@
 with the float model (:func:`compare_int8`, ``vbxfx check model.tflite --model SPEC --calib
 DATA``).
 
-* :mod:`vbxfx.quant.interpreter`: a real TFLite interpreter (ai-edge-litert) on NCHW batches;
-* :mod:`vbxfx.quant.metrics`: top-1 agreement, KL, SQNR (numpy);
-* :mod:`vbxfx.quant.analyze`: the end-to-end comparison and the per-layer table of where the
-  int8 error enters.
+- :mod:`vbxfx.quant.interpreter`: a real TFLite interpreter (ai-edge-litert) on NCHW batches;
+- :mod:`vbxfx.quant.metrics`: top-1 agreement, KL, SQNR (numpy);
+- :mod:`vbxfx.quant.layerwise`: every int8 tensor against the float32 file's, torch names;
+- :mod:`vbxfx.quant.analyze`: :func:`compare_int8`, the end-to-end figures and the per-layer
+  table of where the int8 error enters;
+- :mod:`vbxfx.quant.files`: where the float32 reference lies beside the int8 file;
+- :mod:`vbxfx.quant.command`: the ``--calib`` options of ``vbxfx check``.
 """
 
-from __future__ import annotations
+from vbxfx.lazy import attach
 
-import importlib
-from typing import Any
-
-__all__ = ["compare_int8", "Int8Report", "Int8LayerRow", "TfliteRunner", "top1_agreement",
-           "kl_divergence", "sqnr_db"]
-
-_WHERE = {"compare_int8": "analyze", "Int8Report": "analyze", "Int8LayerRow": "analyze",
-          "TfliteRunner": "interpreter", "top1_agreement": "metrics",
-          "kl_divergence": "metrics", "sqnr_db": "metrics"}
-
-
-def __getattr__(name: str) -> Any:          # lazy: `import vbxfx.quant` stays light
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__, __all__ = attach(__name__, {
+    "vbxfx.quant.analyze": ("compare_int8", "Int8Report", "Int8LayerRow"),
+    "vbxfx.quant.interpreter": ("TfliteRunner",),
+    "vbxfx.quant.metrics": ("top1_agreement", "kl_divergence", "sqnr_db"),
+    "vbxfx.quant.files": ("float_reference_path",),
+})

@@ -8,7 +8,7 @@ ONNX input: normalisation is not inside the file, it is given to both) and repor
 * end to end, int8 file against torch: top-1 agreement, KL(softmax torch || softmax int8),
   SQNR of the outputs in dB;
 * with the float32 TFLite of the same graph (``model_float32.tflite`` that ``vbxfx export
-  --tflite`` keeps beside the int8 file, :func:`~vbxfx.integrations.onnx2tf.float_reference_path`):
+  --tflite`` keeps beside the int8 file, :func:`~vbxfx.quant.files.float_reference_path`):
   the same figures for the float32 file against torch (the conversion alone: ~100 %, SQNR
   > 60 dB) and a per-layer table, worst first, of where the int8 error enters
   (:mod:`vbxfx.quant.layerwise`): per int8 tensor its SQNR against the float tensor
@@ -109,7 +109,8 @@ class Int8Report:
                  f"[{r.float_min:.3g}, {r.float_max:.3g}]", f"{r.clipped:.2%}")
                 for r in self.layers[:rows]]
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
-        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        def line(cells):
+            return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
         return "\n".join([line(head)] + [line(b) for b in body])
 
     def __str__(self) -> str:
@@ -155,14 +156,14 @@ def _finite(value):
 def load_data(calib: Any, input_shape: tuple[int, ...], normalize: str = "imagenet",
               limit: int | None = None) -> tuple[np.ndarray, str]:
     """``(float32 [N, C, H, W], description)`` from a Tensor/array (already preprocessed) or
-    a ``--calib`` spec (:func:`vbxfx.calib.calibration_from_spec`: images and ``skimage[:N]``
+    a ``--calib`` spec (:func:`vbxfx.inputs.calibration_from_spec`: images, ``skimage[:N]``
     normalised per ``normalize``, ``.pt``/``.npy`` taken as they are).
 
     Raises:
         ConfigError: unknown ``normalize``, data of the wrong shape, or what the calib
             loaders raise (naming the file).
     """
-    from vbxfx.calib import calibration_from_spec
+    from vbxfx.inputs.calib import calibration_from_spec
 
     if normalize not in ("imagenet", "none"):
         raise ConfigError(f"normalize must be 'imagenet' or 'none', got {normalize!r}")
@@ -215,7 +216,7 @@ def _resolve(model: Any, weights: str | None):
     if isinstance(model, nn.Module):
         return model, type(model).__name__
     if isinstance(model, (str, os.PathLike)):
-        from vbxfx.model_spec import resolve_model
+        from vbxfx.inputs.model_spec import resolve_model
         return resolve_model(os.fspath(model), weights).model, os.fspath(model)
     raise ConfigError(f"model: give an nn.Module or a model spec (torchvision:NAME, a .pt "
                       f"file, file.py:factory), got a {type(model).__name__}")
@@ -232,7 +233,7 @@ def compare_int8(tflite: str | os.PathLike, model: Any, calib: Any, *,
 
     Args:
         model: the float torch model (not modified: a copy runs in eval mode), or a spec for
-            :func:`vbxfx.model_spec.resolve_model` with ``weights``.
+            :func:`vbxfx.inputs.model_spec.resolve_model` with ``weights``.
         calib: ``[N, C, H, W]`` preprocessed data (Tensor or array), or a ``--calib`` spec: an
             image folder or ``skimage:N`` (normalised per ``normalize``), a ``.pt``/``.npy``.
         reference: the float32 TFLite of the same graph; None looks for
@@ -246,7 +247,7 @@ def compare_int8(tflite: str | os.PathLike, model: Any, calib: Any, *,
     t0 = time.perf_counter()
     path = os.fspath(tflite)
     from vbxfx.export.tflite_reader import read_tflite
-    from vbxfx.integrations.onnx2tf import float_reference_path
+    from vbxfx.quant.files import float_reference_path
 
     qmodel = read_tflite(path)                     # CheckError names the file
     ref_path: str | None = None

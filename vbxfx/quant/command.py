@@ -49,9 +49,13 @@ def wants_int8_check(args: argparse.Namespace) -> bool:
 def run_int8_check(args: argparse.Namespace) -> int:
     """Run the comparison for ``vbxfx check FILE.tflite --model SPEC --calib DATA``; print the
     report (or JSON); return the exit code."""
-    from vbxfx.check_command import _fail
+    from vbxfx.check.command import _fail, is_tflite_path
     from vbxfx.errors import VbxError
 
+    if not is_tflite_path(args.onnx):
+        return _fail(args, f"--calib applies to .tflite files (the int8 comparison); "
+                           f"{args.onnx} is not one: for an ONNX file give --input FILE or "
+                           "--random N")
     if not getattr(args, "model", None):
         return _fail(args, "--calib needs --model SPEC: the float torch model the TFLite file "
                            "was made from (e.g. torchvision:mobilenet_v2 --weights FILE, or "

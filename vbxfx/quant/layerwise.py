@@ -17,10 +17,11 @@ its float counterpart ``f``:
   anyway, e.g. white pixels a hair above the input's largest int8 value).
 
 :func:`torch_names` names CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED operators by the torch
-layers they came from (:func:`vbxfx.tflite_expect.match_layers`: filter shape, then zero
-pattern, then graph order).
+layers they came from (:func:`vbxfx.check.tflite_expect.match_layers`: filter shape, then
+zero pattern, then graph order).
 
->>> pairs, notes = pair_tensors(read_tflite("m.tflite"), read_tflite("m_float32.tflite"))  # doctest: +SKIP
+>>> pairs, notes = pair_tensors(read_tflite("m.tflite"),
+...                             read_tflite("m_float32.tflite"))   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ def pair_tensors(qmodel: TfliteModel, fmodel: TfliteModel) -> tuple[list[TensorP
             if qt < 0 or ft < 0:
                 continue
             if tuple(qmodel.tensors[qt].shape) != tuple(fmodel.tensors[ft].shape):
-                notes.append(f"op {qop.index} {qop.op}: tensor {short_name(qmodel.tensors[qt].name)!r}"
-                             f" has shape {qmodel.tensors[qt].shape} in int8 and "
+                name = short_name(qmodel.tensors[qt].name)
+                notes.append(f"op {qop.index} {qop.op}: tensor {name!r} has shape "
+                             f"{qmodel.tensors[qt].shape} in int8 and "
                              f"{fmodel.tensors[ft].shape} in float; not compared")
                 continue
             ins = tuple(alias.get(t, t) for t in _activation_inputs(qmodel, qop))
@@ -166,7 +168,7 @@ def torch_names(qmodel: TfliteModel, model) -> dict[int, str]:
     from torch import nn
 
     from vbxfx.errors import VbxError
-    from vbxfx.tflite_expect import Declared, load_declarations, match_layers
+    from vbxfx.check.tflite_expect import Declared, load_declarations, match_layers
 
     try:
         _, declared = load_declarations(model)
