@@ -141,7 +141,8 @@ def run_tflite_check(args: argparse.Namespace) -> int:
                  if value]
     if onnx_only:
         return _fail(args, f"{', '.join(onnx_only)} appl{'y' if len(onnx_only) > 1 else 'ies'} "
-                           "to ONNX files; for a TFLite file give --expect FILE")
+                           "to ONNX files; for a TFLite file give --expect FILE, or --model "
+                           "SPEC --calib DATA to run it against the float model")
     if not getattr(args, "json", False) and not getattr(args, "quiet", False):
         print(f"  checking the int8 filters of {args.onnx} ...", file=sys.stderr, flush=True)
     try:

@@ -178,7 +178,10 @@ def cmd_compress(args: argparse.Namespace, con: Console) -> int:
 
 def cmd_check(args: argparse.Namespace, con: Console) -> int:
     from vbxfx.check.command import run_check_command
+    from vbxfx.quant.command import run_int8_check, wants_int8_check
 
+    if wants_int8_check(args):          # FILE.tflite --model SPEC --calib DATA
+        return run_int8_check(args)
     return run_check_command(args)
 
 

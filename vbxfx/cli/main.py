@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", parents=common,
                        help="verify an annotated ONNX file (format rules, annotations, onnxruntime)")
     from vbxfx.check.command import add_check_arguments
-    add_check_arguments(p)
+    from vbxfx.quant.command import add_int8_arguments
+    add_int8_arguments(add_check_arguments(p))      # --calib: the int8 comparison
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("export", parents=common, help="convert a vbxfx ONNX to the int8 TFLite "
