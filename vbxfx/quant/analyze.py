@@ -18,9 +18,9 @@ ONNX input: normalisation is not inside the file, it is given to both) and repor
   figures are given (the report says so).
 
 >>> import vbxfx.quant                                                           # doctest: +SKIP
->>> report = vbxfx.quant.compare_int8("mnv2.tflite", model, "skimage:256")      # doctest: +SKIP
->>> report.top1, report.layers[0].name, report.layers[0].added_db               # doctest: +SKIP
-(0.69, 'features.1.conv.0.0', 7.9)
+>>> report = vbxfx.quant.compare_int8("mnv2.tflite", mobilenet_v2, held_out)    # doctest: +SKIP
+>>> report.top1, report.float_top1, report.layers[0].name                      # doctest: +SKIP
+(0.73, 1.0, 'features.0.0')
 """
 
 from __future__ import annotations
