@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=common, help="convert a vbxfx ONNX to the int8 TFLite "
                        "vnnx_compile reads (onnx2tf, on a copy) and check it")
-    from vbxfx.integrations.onnx2tf import add_export_arguments, run_export_command
+    from vbxfx.cli.export_command import add_export_arguments, run_export_command
     add_export_arguments(p)
     p.set_defaults(func=lambda args, con: run_export_command(args, con.note))
 

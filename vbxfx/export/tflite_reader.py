@@ -47,6 +47,8 @@ class Quantization:
     scale: np.ndarray
     zero_point: np.ndarray
     axis: int
+    scale_offset: int | None = None        # where the float32 scales start in the file
+    zero_point_offset: int | None = None   # where the int64 zero points start
 
     @property
     def per_channel(self) -> bool:
@@ -75,6 +77,8 @@ class TfliteOperator:
     op: str
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
+    #: CONV_2D / DEPTHWISE_CONV_2D: padding ("SAME"/"VALID"), stride (h, w), dilation (h, w)
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -190,7 +194,8 @@ def _parse(fb, raw: bytes, where: str) -> TfliteModel:
             if t >= len(model.tensors):
                 raise CheckError(f"{where}: operator {k} ({codes[code]}) refers to tensor {t}, "
                                  f"the subgraph has {len(model.tensors)}")
-        model.operators.append(TfliteOperator(k, codes[code], ins, outs))
+        model.operators.append(TfliteOperator(k, codes[code], ins, outs,
+                                              _conv_options(op, codes[code])))
     model.inputs = tuple(int(graph.Inputs(j)) for j in range(graph.InputsLength()))
     model.outputs = tuple(int(graph.Outputs(j)) for j in range(graph.OutputsLength()))
     return model
@@ -206,7 +211,10 @@ def _tensor(fb, t, index: int, file_size: int, where: str) -> TfliteTensor:
         scale = np.array(q.ScaleAsNumpy(), dtype=np.float32)
         zero = (np.array(q.ZeroPointAsNumpy(), dtype=np.int64) if q.ZeroPointLength()
                 else np.zeros(scale.size, dtype=np.int64))
-        quant = Quantization(scale, zero, int(q.QuantizedDimension()))
+        tab = q._tab                          # the generated accessors' table: vector starts
+        quant = Quantization(scale, zero, int(q.QuantizedDimension()),
+                             int(tab.Vector(tab.Offset(8))),
+                             int(tab.Vector(tab.Offset(10))) if q.ZeroPointLength() else None)
     offset, size = None, 0
     b = int(t.Buffer())
     if 0 < b < fb.BuffersLength():
@@ -220,3 +228,17 @@ def _tensor(fb, t, index: int, file_size: int, where: str) -> TfliteTensor:
             raise CheckError(f"{where}: the data of tensor {name!r} runs past the end of the file")
     return TfliteTensor(index, name, shape, _TYPE_NAMES.get(kind, f"type{kind}"), quant, offset,
                         size)
+
+
+def _conv_options(op, name: str) -> dict:
+    """Padding, stride and dilation of a CONV_2D / DEPTHWISE_CONV_2D operator ({} otherwise)."""
+    if name not in ("CONV_2D", "DEPTHWISE_CONV_2D") or op.BuiltinOptions() is None:
+        return {}
+    import tflite
+
+    table = op.BuiltinOptions()
+    opts = tflite.Conv2DOptions() if name == "CONV_2D" else tflite.DepthwiseConv2DOptions()
+    opts.Init(table.Bytes, table.Pos)
+    return {"padding": "SAME" if opts.Padding() == tflite.Padding.SAME else "VALID",
+            "stride": (int(opts.StrideH()), int(opts.StrideW())),
+            "dilation": (int(opts.DilationHFactor()), int(opts.DilationWFactor()))}

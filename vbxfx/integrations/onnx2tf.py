@@ -25,7 +25,6 @@ tensor with (:func:`vbxfx.quant.compare_int8`).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -33,7 +32,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,7 +42,7 @@ from vbxfx.errors import CheckError, ExportError
 from vbxfx.quant.files import float_reference_path
 
 __all__ = ["convert_to_tflite", "find_onnx2tf", "float_reference_path", "converter_versions",
-           "TfliteExport", "add_export_arguments", "run_export_command", "SDK_VERSIONS",
+           "TfliteExport", "SDK_VERSIONS", "INT8_METHODS", "INT8_SAMPLES",
            "ENV_ONNX2TF", "ENV_TFLITE_ENV", "DEFAULT_ENV_DIR", "SAMPLE_FILE"]
 
 logger = logging.getLogger(__name__)
@@ -56,6 +54,10 @@ ENV_TFLITE_ENV = "VBXFX_TFLITE_ENV"    # a folder built by tools/setup_tflite_en
 DEFAULT_ENV_DIR = ".venv-tflite"       # looked up in the working folder, last
 SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 DEFAULT_CALIB = "skimage:20"
+#: ``int8=``: how the converter's int8 file is calibrated (vbxfx.quant.calibrate.METHODS).
+INT8_METHODS = ("refit", "ranges", "converter")
+#: Calibration samples the int8 calibration runs on (the first ones of ``calib``).
+INT8_SAMPLES = 32
 _MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "none": None}
 _INSTALL = ("build it with `bash tools/setup_tflite_env.sh .venv-tflite` (from a vbxfx "
             "checkout; the onnx2tf 1.22.3 / tensorflow-cpu 2.15.1 set of the VectorBlox SDK, "
@@ -76,9 +78,11 @@ class TfliteExport:
     check: Any = None            # a vbxfx.check.tflite_check.TfliteCheckReport
     notes: list[str] = field(default_factory=list)
     float_output: str | None = None   # onnx2tf's float32 TFLite of the same graph, if kept
+    int8: Any = None                  # a vbxfx.quant.calibrate.CalibrationReport
 
     def to_dict(self) -> dict[str, Any]:
         return {"onnx": self.onnx, "output": self.output, "float_output": self.float_output,
+                "int8": None if self.int8 is None else self.int8.to_dict(),
                 "onnx2tf": self.onnx2tf,
                 "versions": dict(self.versions), "calibration": self.calibration,
                 "seconds": self.seconds, "notes": list(self.notes),
@@ -264,10 +268,36 @@ def _tail(log_path: str, n: int = 3) -> str:
     return " | ".join(lines[-n:])[-600:]
 
 
+def _calibrate(made: str, made_float: str, data, mean, std, method: str, result, say,
+               expect: str | None):
+    """The int8 calibration of onnx2tf's file in the work folder (None when it cannot run);
+    layers declared in the unstructured format keep their filters."""
+    import numpy as np
+
+    from vbxfx.check.tflite_check import check_tflite
+    from vbxfx.errors import VbxError
+    from vbxfx.quant.calibrate import calibrate_int8
+
+    if not os.path.isfile(made_float):
+        result.notes.append("no float32 file from onnx2tf: the int8 file is not calibrated")
+        return None
+    x = (np.asarray(data[:INT8_SAMPLES], np.float64) - np.asarray(mean)) / np.asarray(std)
+    x = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)     # NHWC -> NCHW
+    try:
+        rows = check_tflite(made, expect=expect).layers if expect is not None else []
+        keep = frozenset(r.op_index for r in rows if r.declared_fmt == "ucomp")
+        return calibrate_int8(made, made_float, x, method=method, keep_filters=keep,
+                              progress=say)
+    except VbxError as e:
+        result.notes.append(f"int8 calibration skipped, the converter's file kept: {e}")
+        return None
+
+
 def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *,
                       calib: Any = None, normalize: str = "imagenet",
                       onnx2tf: str | None = None, force: bool = False,
                       work_dir: str | None = None, keep_float: bool = True,
+                      int8: str = "refit",
                       progress: Callable[[str], None] | None = None) -> TfliteExport:
     """Convert ``onnx_path`` to int8 TFLite at ``output`` and check it (module docstring).
 
@@ -278,6 +308,9 @@ def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *
             ``"none"`` (inputs in [0, 1], e.g. ultralytics YOLO).
         onnx2tf: the onnx2tf executable (default: :func:`find_onnx2tf`).
         force: overwrite an existing ``output`` (and its float32 reference).
+        int8: ``"refit"`` (default), ``"ranges"`` or ``"converter"``: how the int8 file is
+            calibrated after onnx2tf (:func:`vbxfx.quant.calibrate.calibrate_int8`, on the
+            first :data:`INT8_SAMPLES` calibration samples; needs ai-edge-litert).
         keep_float: also write onnx2tf's float32 TFLite of the same graph at
             :func:`float_reference_path` (``model_float32.tflite``), the per-layer reference
             of :func:`vbxfx.quant.compare_int8`.
@@ -306,6 +339,8 @@ def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *
         raise ExportError(f"{out}: the TFLite output would replace the ONNX input")
     if os.path.exists(out) and not force:
         raise ExportError(f"{out} exists; vbxfx does not overwrite it (give --force)")
+    if int8 not in INT8_METHODS:
+        raise ExportError(f"int8 must be one of {INT8_METHODS}, got {int8!r}")
     float_out = float_reference_path(out) if keep_float else None
     if float_out is not None and os.path.abspath(float_out) == os.path.abspath(src):
         raise ExportError(f"{float_out}: the float32 reference would replace the ONNX input")
@@ -366,6 +401,9 @@ def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *
         elif float_out is not None:
             result.notes.append("onnx2tf wrote no model_float32.tflite: compare the int8 file "
                                 "end to end only")
+        if int8 != "converter":
+            result.int8 = _calibrate(made, made_float, data, mean, std, int8, result, say,
+                                     expect)
         partial = out + ".partial"
         shutil.copyfile(made, partial)
         os.replace(partial, out)
@@ -376,54 +414,3 @@ def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *
     result.seconds = time.perf_counter() - t0
     logger.info("converted %s -> %s in %.1f s", src, out, result.seconds)
     return result
-
-
-# ------------------------------------------------------------------------------ command line
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of ``vbxfx export``."""
-    parser.add_argument("onnx", help="the vbxfx .onnx file (it is not modified)")
-    parser.add_argument("--tflite", required=True, metavar="OUT",
-                        help="write the int8 TFLite that vnnx_compile reads here, then check it")
-    parser.add_argument("--calib", metavar="SPEC",
-                        help="calibration: image folder, .pt/.npy tensor [N,C,H,W] "
-                             f"(preprocessed), or skimage[:N] (default {DEFAULT_CALIB})")
-    parser.add_argument("--normalize", choices=tuple(_MEAN_STD), default="imagenet",
-                        help="preprocessing of calibration images: imagenet mean/std "
-                             "(torchvision, default) or none (inputs in [0, 1], e.g. YOLO)")
-    parser.add_argument("--onnx2tf", metavar="PATH",
-                        help=f"the onnx2tf executable (default: ${ENV_ONNX2TF}, "
-                             f"${ENV_TFLITE_ENV}/bin, PATH, ./{DEFAULT_ENV_DIR}/bin)")
-    parser.add_argument("--work-dir", metavar="DIR",
-                        help="keep onnx2tf's work folder (and its log) here")
-    parser.add_argument("--force", action="store_true",
-                        help="overwrite an existing OUT (and OUT's _float32.tflite)")
-    parser.add_argument("--no-float", action="store_true",
-                        help="do not keep onnx2tf's float32 TFLite beside OUT "
-                             "(NAME_float32.tflite, the per-layer reference of vbxfx check "
-                             "--calib)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    return parser
-
-
-def run_export_command(args: argparse.Namespace,
-                       note: Callable[[str], None] | None = None) -> int:
-    """Run ``vbxfx export`` with parsed options: 0 the TFLite checks, 1 it does not; errors
-    (:class:`~vbxfx.errors.VbxError`) propagate to the CLI (exit 2)."""
-    note = note or (lambda text: print(text, file=sys.stderr))
-    result = convert_to_tflite(args.onnx, args.tflite, calib=args.calib,
-                               normalize=args.normalize, onnx2tf=args.onnx2tf,
-                               force=args.force, work_dir=args.work_dir,
-                               keep_float=not getattr(args, "no_float", False), progress=note)
-    for text in result.notes:
-        note(f"note: {text}")
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print(result.check)
-        kept = (f" and its float32 reference {result.float_output}" if result.float_output
-                else "")
-        print(f"\nwrote {result.output}{kept} in {result.seconds:.0f} s"
-              + ("" if result.check.ok else "  (CHECK FAILED)"))
-    return 0 if result.check.ok else 1

@@ -8,7 +8,11 @@ DATA``).
 - :mod:`vbxfx.quant.analyze`: :func:`compare_int8`, the end-to-end figures and the per-layer
   table of where the int8 error enters;
 - :mod:`vbxfx.quant.files`: where the float32 reference lies beside the int8 file;
-- :mod:`vbxfx.quant.command`: the ``--calib`` options of ``vbxfx check``.
+- :mod:`vbxfx.quant.command`: the ``--calib`` options of ``vbxfx check``;
+- :mod:`vbxfx.quant.calibrate`: :func:`calibrate_int8`, what ``vbxfx export --tflite`` does to
+  the converter's int8 file to keep it close to float, through :mod:`vbxfx.quant.patch` (the
+  file's numbers written in place), :mod:`vbxfx.quant.ranges` (activation ranges of least
+  error) and :mod:`vbxfx.quant.rounding` (filters and biases refit inside their patterns).
 """
 
 from vbxfx.lazy import attach
@@ -18,4 +22,5 @@ __getattr__, __dir__, __all__ = attach(__name__, {
     "vbxfx.quant.interpreter": ("TfliteRunner",),
     "vbxfx.quant.metrics": ("top1_agreement", "kl_divergence", "sqnr_db"),
     "vbxfx.quant.files": ("float_reference_path",),
+    "vbxfx.quant.calibrate": ("calibrate_int8", "CalibrationReport"),
 })

@@ -101,9 +101,10 @@ class TfliteRunner:
     """A TFLite file ready to run on ``[N, C, H, W]`` float batches (module docstring).
 
     Args:
-        path: the ``.tflite`` file.
+        path: the ``.tflite`` file (with ``content``: the name its messages use).
         preserve_all: keep every intermediate tensor (for :meth:`tensor`).
         num_threads: interpreter threads (1 on a shared machine).
+        content: the file's bytes, when they are not (yet) on disk.
 
     Raises:
         CheckError: the file is missing, is not a TFLite file the interpreter loads, has
@@ -111,9 +112,9 @@ class TfliteRunner:
     """
 
     def __init__(self, path: str | os.PathLike, *, preserve_all: bool = False,
-                 num_threads: int = 1) -> None:
+                 num_threads: int = 1, content: bytes | None = None) -> None:
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
+        if content is None and not os.path.isfile(self.path):
             raise CheckError(f"{self.path}: no such TFLite file")
         interpreter, resolver = load_interpreter_class()
         # built-in kernels (module docstring): XNNPACK rounds otherwise and hides tensors
@@ -123,7 +124,9 @@ class TfliteRunner:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")           # "intended for debugging" notice
-                self._it = interpreter(model_path=self.path, num_threads=num_threads, **kwargs)
+                source = ({"model_path": self.path} if content is None
+                          else {"model_content": bytes(content)})
+                self._it = interpreter(num_threads=num_threads, **source, **kwargs)
             self._it.allocate_tensors()
         except Exception as e:   # LiteRT raises ValueError/RuntimeError with a long text
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

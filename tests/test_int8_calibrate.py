@@ -1,0 +1,190 @@
+"""The int8 calibration of ``vbxfx export --tflite`` (vbxfx.quant.calibrate): activation
+ranges of least error, filters and biases refit inside their patterns, written in place.
+
+The parts are tested on numbers made here; the whole on a real compressed DemoNet converted
+by onnx2tf (skipped without the converter environment unless ``VBXFX_REQUIRE_TFLITE``) and
+run with LiteRT.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vbxfx
+from vbxfx.errors import CheckError, ConfigError, ExportError
+from vbxfx.export.tflite_reader import read_tflite
+from vbxfx.inputs.calib import natural_image_crops
+from vbxfx.inputs.demo import DemoNet
+from vbxfx.integrations.onnx2tf import convert_to_tflite, find_onnx2tf
+from vbxfx.quant import calibrate_int8, compare_int8, float_reference_path
+from vbxfx.quant.ranges import _best_range, grid_error, int8_params
+from vbxfx.quant.rounding import optq_round, patches
+
+REPO_ENV = Path(__file__).resolve().parents[1] / ".venv-tflite" / "bin" / "onnx2tf"
+CALIB = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
+HELD_OUT = ("cat", "immunohistochemistry", "colorwheel", "retina")
+
+
+# ------------------------------------------------------------------------------ the parts
+
+
+def test_int8_params_hold_zero_and_the_range():
+    scale, zero = int8_params(-1.0, 3.0)
+    assert scale == pytest.approx(4.0 / 255) and -128 <= zero <= 127
+    np.testing.assert_allclose((np.array([-128, 127]) - zero) * scale, [-1.0, 3.0], atol=scale)
+    assert int8_params(0.5, 2.0)[1] == -128              # widened to hold 0: [0, 2]
+    assert grid_error(np.array([0.0, 1.0, 2.0]), *int8_params(0.0, 2.0)) < 1e-4
+
+
+def test_the_chosen_range_beats_min_max_on_outliers():
+    x = np.random.default_rng(0).normal(size=100_000)
+    x[:5] = [40.0, -35.0, 30.0, 25.0, -20.0]               # a few outliers stretch min/max
+    chosen = _best_range(x)
+    minmax = int8_params(x.min(), x.max())
+    assert grid_error(x, *chosen) < 0.9 * grid_error(x, *minmax)
+    assert chosen[0] < minmax[0]
+
+
+def test_optq_rounding_is_nearest_without_correlation_and_better_with_it():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(16, 24))
+    scale = np.abs(w).max(1) / 127
+    nearest = np.clip(np.round(w / scale[:, None]), -127, 127)
+    np.testing.assert_array_equal(optq_round(w, np.eye(24), scale), nearest)
+    x = rng.normal(size=(2000, 24)) @ rng.normal(size=(24, 24))     # correlated inputs
+    q = optq_round(w, x.T @ x, scale)
+    err = lambda v: np.linalg.norm(x @ (w - v * scale[:, None]).T)  # noqa: E731
+    assert err(q) < 0.8 * err(nearest)
+    assert np.abs(q).max() <= 127
+
+
+def test_optq_keeps_zeros_and_pairs():
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(4, 8))
+    zero = np.zeros((4, 8), bool)
+    zero[:, 1] = True
+    partner = -np.ones((4, 8), int)
+    partner[:, 5] = 2                                      # column 5 pairs with column 2
+    sign = np.ones((4, 8), int)
+    sign[0, 5] = -1
+    x = rng.normal(size=(500, 8))
+    q = optq_round(w, x.T @ x, np.full(4, 0.01), zero, partner, sign)
+    assert (q[:, 1] == 0).all()
+    np.testing.assert_array_equal(q[:, 5], sign[:, 5] * q[:, 2])
+
+
+def test_patches_are_the_convolution():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(9, 7, 3))
+    w = rng.normal(size=(5, 3, 3, 3))                       # TFLite [O, kh, kw, I]
+    for padding, stride in (("SAME", 2), ("VALID", 1)):
+        rows = patches(x, 3, 3, {"padding": padding, "stride": (stride, stride)})
+        ref = torch.nn.functional.conv2d(
+            torch.from_numpy(x).permute(2, 0, 1)[None], torch.from_numpy(w).permute(0, 3, 1, 2),
+            stride=stride, padding=1 if padding == "SAME" else 0)
+        got = rows @ w.reshape(5, -1).T
+        np.testing.assert_allclose(got, ref[0].permute(1, 2, 0).reshape(-1, 5).numpy(),
+                                   rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------ real files
+
+
+def _onnx2tf() -> str:
+    try:
+        return find_onnx2tf()
+    except ExportError as e:
+        if REPO_ENV.is_file():
+            return str(REPO_ENV)
+        if os.environ.get("VBXFX_REQUIRE_TFLITE"):
+            pytest.fail(f"VBXFX_REQUIRE_TFLITE is set and the converter is missing: {e}")
+        pytest.skip("no onnx2tf environment (bash tools/setup_tflite_env.sh .venv-tflite)")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """DemoNet compressed at 0.5 -> vbxfx ONNX -> onnx2tf's int8 file as it is
+    (``int8="converter"``) and its float32 reference."""
+    exe = _onnx2tf()
+    root = tmp_path_factory.mktemp("calib8")
+    dense = DemoNet().eval()
+    x = torch.randn(DemoNet.example_input_shape, generator=torch.Generator().manual_seed(0))
+    calib = natural_image_crops(32, 64, seed=1, photos=CALIB)
+    model = vbxfx.compress(dense, x, compression=0.5).model.eval()
+    vbxfx.export_onnx(model, x, str(root / "demo.onnx"))
+    np.save(root / "calib.npy", calib.numpy())
+    result = convert_to_tflite(root / "demo.onnx", root / "demo.tflite", calib=root / "calib.npy",
+                               onnx2tf=exe, int8="converter")
+    return dict(root=root, tflite=root / "demo.tflite",
+                float=float_reference_path(root / "demo.tflite"),
+                onnx=root / "demo.onnx", calib=calib, model=model, exe=exe, result=result,
+                held=natural_image_crops(48, 64, seed=0, photos=HELD_OUT))
+
+
+@pytest.mark.parametrize("method", ["ranges", "refit"])
+def test_calibration_improves_the_file_and_keeps_every_repeat(converted, method, tmp_path):
+    out = tmp_path / f"{method}.tflite"
+    assert converted["result"].int8 is None                 # int8="converter": untouched
+    report = calibrate_int8(converted["tflite"], converted["float"], converted["calib"],
+                            method=method, output=out)
+    assert report.kept and report.sqnr_after > report.sqnr_before
+    assert report.ranges_changed > 0 and (report.layers_refit > 0) == (method == "refit")
+    # only numbers changed: same size, same operators and tensors
+    before, after = read_tflite(converted["tflite"]), read_tflite(out)
+    assert out.stat().st_size == Path(converted["tflite"]).stat().st_size
+    assert [o.op for o in before.operators] == [o.op for o in after.operators]
+    assert [t.shape for t in before.tensors] == [t.shape for t in after.tensors]
+    # every repeat vbxfx declared still holds in the int8 filters
+    check = vbxfx.check_tflite(str(out), expect=str(converted["onnx"]))
+    assert check.ok, check
+    assert any((row.declared_repeat or 4) < 4 for row in check.layers)
+    # closer to float on held-out images too
+    original = compare_int8(converted["tflite"], converted["model"], converted["held"],
+                            reference=False)
+    better = compare_int8(out, converted["model"], converted["held"], reference=False)
+    assert better.sqnr_db > original.sqnr_db and better.kl < original.kl
+
+
+def test_export_calibrates_by_default(converted, tmp_path):
+    shutil.copy(converted["onnx"], tmp_path / "demo.onnx")
+    result = convert_to_tflite(tmp_path / "demo.onnx", tmp_path / "demo.tflite",
+                               calib=converted["root"] / "calib.npy", onnx2tf=converted["exe"])
+    assert result.int8 is not None and result.int8.method == "refit" and result.check.ok
+    assert result.int8.samples == 32 and "layers refit" in result.int8.line()
+    assert result.to_dict()["int8"]["layers_refit"] == result.int8.layers_refit
+
+
+def test_bad_calibration_input_is_refused_before_any_change(converted, tmp_path):
+    target = tmp_path / "copy.tflite"
+    shutil.copy(converted["tflite"], target)
+    data = target.read_bytes()
+    with pytest.raises(ConfigError, match="one of"):
+        calibrate_int8(target, converted["float"], converted["calib"], method="best")
+    with pytest.raises(ConfigError, match="finite samples"):
+        calibrate_int8(target, converted["float"], converted["calib"] * float("nan"))
+    with pytest.raises(CheckError, match="not a float32 TFLite"):
+        calibrate_int8(target, target, converted["calib"])      # not the float32 file
+    with pytest.raises(ExportError, match="int8 must be one of"):
+        convert_to_tflite(converted["onnx"], tmp_path / "x.tflite", int8="best",
+                          onnx2tf=converted["exe"])
+    assert target.read_bytes() == data and not (tmp_path / "x.tflite").exists()
+
+
+def test_unstructured_layers_keep_their_filters(converted, tmp_path):
+    """Layers declared in the unstructured format ("ucomp") keep their int8 filters (the
+    refit knows only the structured patterns); the file still checks against the ONNX."""
+    model = DemoNet().eval()
+    vbxfx.compress_vbx3_unstructured(model, 0.6)
+    x = torch.randn(DemoNet.example_input_shape, generator=torch.Generator().manual_seed(0))
+    vbxfx.export_onnx(model, x, str(tmp_path / "u.onnx"))
+    result = convert_to_tflite(tmp_path / "u.onnx", tmp_path / "u.tflite",
+                               calib=converted["root"] / "calib.npy", onnx2tf=converted["exe"])
+    assert result.check.ok, result.check
+    assert any(r.declared_fmt == "ucomp" for r in result.check.layers)
+    assert any("declared unstructured" in n for n in result.int8.notes)

@@ -1,0 +1,72 @@
+"""``vbxfx export model.onnx --tflite model.tflite``: the command line of
+:func:`vbxfx.integrations.onnx2tf.convert_to_tflite` (its parser imports neither torch nor
+TensorFlow)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from vbxfx.integrations.onnx2tf import (DEFAULT_CALIB, DEFAULT_ENV_DIR, ENV_ONNX2TF,
+                                        ENV_TFLITE_ENV, INT8_METHODS, _MEAN_STD,
+                                        convert_to_tflite)
+
+__all__ = ["add_export_arguments", "run_export_command"]
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``vbxfx export``."""
+    parser.add_argument("onnx", help="the vbxfx .onnx file (it is not modified)")
+    parser.add_argument("--tflite", required=True, metavar="OUT",
+                        help="write the int8 TFLite that vnnx_compile reads here, then check it")
+    parser.add_argument("--calib", metavar="SPEC",
+                        help="calibration: image folder, .pt/.npy tensor [N,C,H,W] "
+                             f"(preprocessed), or skimage[:N] (default {DEFAULT_CALIB})")
+    parser.add_argument("--normalize", choices=tuple(_MEAN_STD), default="imagenet",
+                        help="preprocessing of calibration images: imagenet mean/std "
+                             "(torchvision, default) or none (inputs in [0, 1], e.g. YOLO)")
+    parser.add_argument("--onnx2tf", metavar="PATH",
+                        help=f"the onnx2tf executable (default: ${ENV_ONNX2TF}, "
+                             f"${ENV_TFLITE_ENV}/bin, PATH, ./{DEFAULT_ENV_DIR}/bin)")
+    parser.add_argument("--work-dir", metavar="DIR",
+                        help="keep onnx2tf's work folder (and its log) here")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an existing OUT (and OUT's _float32.tflite)")
+    parser.add_argument("--no-float", action="store_true",
+                        help="do not keep onnx2tf's float32 TFLite beside OUT "
+                             "(NAME_float32.tflite, the per-layer reference of vbxfx check "
+                             "--calib)")
+    parser.add_argument("--int8", choices=INT8_METHODS, default="refit",
+                        help="after onnx2tf: refit (default: activation ranges of least error, "
+                             "then filters rounded and biases corrected on the calibration data, "
+                             "patterns kept), ranges (the ranges only), or converter (onnx2tf's "
+                             "int8 file as it is)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def run_export_command(args: argparse.Namespace,
+                       note: Callable[[str], None] | None = None) -> int:
+    """Run ``vbxfx export`` with parsed options: 0 the TFLite checks, 1 it does not; errors
+    (:class:`~vbxfx.errors.VbxError`) propagate to the CLI (exit 2)."""
+    note = note or (lambda text: print(text, file=sys.stderr))
+    result = convert_to_tflite(args.onnx, args.tflite, calib=args.calib,
+                               normalize=args.normalize, onnx2tf=args.onnx2tf,
+                               force=args.force, work_dir=args.work_dir,
+                               keep_float=not getattr(args, "no_float", False),
+                               int8=getattr(args, "int8", "refit"), progress=note)
+    for text in result.notes:
+        note(f"note: {text}")
+    if result.int8 is not None:
+        note(result.int8.line())
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.check)
+        kept = (f" and its float32 reference {result.float_output}" if result.float_output
+                else "")
+        print(f"\nwrote {result.output}{kept} in {result.seconds:.0f} s"
+              + ("" if result.check.ok else "  (CHECK FAILED)"))
+    return 0 if result.check.ok else 1
