@@ -1,5 +1,6 @@
 """The int8 calibration of ``vbxfx export --tflite`` (vbxfx.quant.calibrate): activation
-ranges of least error, filters and biases refit inside their patterns, written in place.
+ranges of least error, biases corrected on the data, filters rounded anew inside their
+patterns (OPTQ), written in place.
 
 The parts are tested on numbers made here; the whole on a real compressed DemoNet converted
 by onnx2tf (skipped without the converter environment unless ``VBXFX_REQUIRE_TFLITE``) and
@@ -127,16 +128,20 @@ def converted(tmp_path_factory):
                 held=natural_image_crops(48, 64, seed=0, photos=HELD_OUT))
 
 
-@pytest.mark.parametrize("method", ["ranges", "refit"])
+@pytest.mark.parametrize("method", ["ranges", "bias", "optq"])
 def test_calibration_improves_the_file_and_keeps_every_repeat(converted, method, tmp_path):
     out = tmp_path / f"{method}.tflite"
     assert converted["result"].int8 is None                 # int8="converter": untouched
     report = calibrate_int8(converted["tflite"], converted["float"], converted["calib"],
                             method=method, output=out)
     assert report.kept and report.sqnr_after > report.sqnr_before
-    assert report.ranges_changed > 0 and (report.layers_refit > 0) == (method == "refit")
-    # only numbers changed: same size, same operators and tensors
+    assert report.ranges_changed > 0 and (report.layers_refit > 0) == (method != "ranges")
+    # only numbers changed: same size, same operators and tensors; "bias" moves no weight
     before, after = read_tflite(converted["tflite"]), read_tflite(out)
+    filters = [op.inputs[1] for op in before.operators if op.op in ("CONV_2D", "FULLY_CONNECTED")]
+    moved = [t for t in filters
+             if not np.array_equal(before.data(before.tensors[t]), after.data(after.tensors[t]))]
+    assert (moved == []) == (method != "optq")
     assert out.stat().st_size == Path(converted["tflite"]).stat().st_size
     assert [o.op for o in before.operators] == [o.op for o in after.operators]
     assert [t.shape for t in before.tensors] == [t.shape for t in after.tensors]
@@ -155,8 +160,8 @@ def test_export_calibrates_by_default(converted, tmp_path):
     shutil.copy(converted["onnx"], tmp_path / "demo.onnx")
     result = convert_to_tflite(tmp_path / "demo.onnx", tmp_path / "demo.tflite",
                                calib=converted["root"] / "calib.npy", onnx2tf=converted["exe"])
-    assert result.int8 is not None and result.int8.method == "refit" and result.check.ok
-    assert result.int8.samples == 32 and "layers refit" in result.int8.line()
+    assert result.int8 is not None and result.int8.method == "bias" and result.check.ok
+    assert result.int8.samples == 32 and "biases corrected" in result.int8.line()
     assert result.to_dict()["int8"]["layers_refit"] == result.int8.layers_refit
 
 
@@ -177,14 +182,24 @@ def test_bad_calibration_input_is_refused_before_any_change(converted, tmp_path)
 
 
 def test_unstructured_layers_keep_their_filters(converted, tmp_path):
-    """Layers declared in the unstructured format ("ucomp") keep their int8 filters (the
-    refit knows only the structured patterns); the file still checks against the ONNX."""
+    """Layers declared in the unstructured format ("ucomp") keep their int8 filters under
+    OPTQ (it knows only the structured patterns); the file still checks against the ONNX."""
     model = DemoNet().eval()
     vbxfx.compress_vbx3_unstructured(model, 0.6)
     x = torch.randn(DemoNet.example_input_shape, generator=torch.Generator().manual_seed(0))
     vbxfx.export_onnx(model, x, str(tmp_path / "u.onnx"))
     result = convert_to_tflite(tmp_path / "u.onnx", tmp_path / "u.tflite",
-                               calib=converted["root"] / "calib.npy", onnx2tf=converted["exe"])
+                               calib=converted["root"] / "calib.npy", onnx2tf=converted["exe"],
+                               int8="optq")
     assert result.check.ok, result.check
     assert any(r.declared_fmt == "ucomp" for r in result.check.layers)
     assert any("declared unstructured" in n for n in result.int8.notes)
+
+
+def test_export_command_refuses_an_unknown_int8_method(tmp_path, capsys):
+    from vbxfx.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(tmp_path / "m.onnx"), "--tflite", str(tmp_path / "m.tflite"),
+              "--int8", "best"])
+    assert e.value.code == 2 and "--int8" in capsys.readouterr().err

@@ -38,11 +38,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="do not keep onnx2tf's float32 TFLite beside OUT "
                              "(NAME_float32.tflite, the per-layer reference of vbxfx check "
                              "--calib)")
-    parser.add_argument("--int8", choices=INT8_METHODS, default="refit",
-                        help="after onnx2tf: refit (default: activation ranges of least error, "
-                             "then filters rounded and biases corrected on the calibration data, "
-                             "patterns kept), ranges (the ranges only), or converter (onnx2tf's "
-                             "int8 file as it is)")
+    parser.add_argument("--int8", choices=INT8_METHODS, default="bias",
+                        help="after onnx2tf: bias (default: activation ranges of least error, "
+                             "then every bias corrected on the calibration data; no weight "
+                             "changes), optq (also the filters rounded anew, patterns kept), "
+                             "ranges (the ranges only), or converter (onnx2tf's file as it is)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
@@ -56,7 +56,7 @@ def run_export_command(args: argparse.Namespace,
                                normalize=args.normalize, onnx2tf=args.onnx2tf,
                                force=args.force, work_dir=args.work_dir,
                                keep_float=not getattr(args, "no_float", False),
-                               int8=getattr(args, "int8", "refit"), progress=note)
+                               int8=getattr(args, "int8", "bias"), progress=note)
     for text in result.notes:
         note(f"note: {text}")
     if result.int8 is not None:

@@ -77,7 +77,8 @@ class TfliteOperator:
     op: str
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
-    #: CONV_2D / DEPTHWISE_CONV_2D: padding ("SAME"/"VALID"), stride (h, w), dilation (h, w)
+    #: CONV_2D / DEPTHWISE_CONV_2D: padding ("SAME"/"VALID"), stride (h, w), dilation (h, w),
+    #: fused activation ("NONE", "RELU", "RELU6", ...), depthwise: depth_multiplier
     options: dict = field(default_factory=dict)
 
 
@@ -239,6 +240,9 @@ def _conv_options(op, name: str) -> dict:
     table = op.BuiltinOptions()
     opts = tflite.Conv2DOptions() if name == "CONV_2D" else tflite.DepthwiseConv2DOptions()
     opts.Init(table.Bytes, table.Pos)
+    acts = {v: k for k, v in vars(tflite.ActivationFunctionType).items() if not k.startswith("_")}
+    extra = {} if name == "CONV_2D" else {"depth_multiplier": int(opts.DepthMultiplier())}
     return {"padding": "SAME" if opts.Padding() == tflite.Padding.SAME else "VALID",
             "stride": (int(opts.StrideH()), int(opts.StrideW())),
-            "dilation": (int(opts.DilationHFactor()), int(opts.DilationWFactor()))}
+            "dilation": (int(opts.DilationHFactor()), int(opts.DilationWFactor())),
+            "activation": acts.get(int(opts.FusedActivationFunction()), "OTHER"), **extra}

@@ -55,7 +55,7 @@ DEFAULT_ENV_DIR = ".venv-tflite"       # looked up in the working folder, last
 SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 DEFAULT_CALIB = "skimage:20"
 #: ``int8=``: how the converter's int8 file is calibrated (vbxfx.quant.calibrate.METHODS).
-INT8_METHODS = ("refit", "ranges", "converter")
+INT8_METHODS = ("bias", "optq", "ranges", "converter")
 #: Calibration samples the int8 calibration runs on (the first ones of ``calib``).
 INT8_SAMPLES = 32
 _MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "none": None}
@@ -206,12 +206,14 @@ def _calibration(calib: Any, shape: tuple[int, ...], normalize: str) -> tuple[An
     if tuple(data.shape[1:]) != tuple(shape[1:]):
         raise ExportError(f"calibration data has shape {tuple(data.shape)}; the model takes "
                           f"[N, {', '.join(map(str, shape[1:]))}]")
+    normalized = stats is not None and normalize != "none"
     if stats is None:
         stats = ((0.0,) * c, (1.0,) * c)
     elif c != 3:
         raise ExportError(f"--normalize {normalize} needs a 3-channel input, the model has {c}")
     nhwc = np.ascontiguousarray(data.permute(0, 2, 3, 1).numpy().astype(np.float32))
-    return nhwc, stats, what + (f", normalized ({normalize})" if normalize != "none" else "")
+    return nhwc, stats, what + (f", normalized ({normalize})" if normalized else
+                                ", taken as preprocessed" if normalize != "none" else "")
 
 
 def _nested(values) -> str:
@@ -297,7 +299,7 @@ def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *
                       calib: Any = None, normalize: str = "imagenet",
                       onnx2tf: str | None = None, force: bool = False,
                       work_dir: str | None = None, keep_float: bool = True,
-                      int8: str = "refit",
+                      int8: str = "bias",
                       progress: Callable[[str], None] | None = None) -> TfliteExport:
     """Convert ``onnx_path`` to int8 TFLite at ``output`` and check it (module docstring).
 
@@ -308,8 +310,8 @@ def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *
             ``"none"`` (inputs in [0, 1], e.g. ultralytics YOLO).
         onnx2tf: the onnx2tf executable (default: :func:`find_onnx2tf`).
         force: overwrite an existing ``output`` (and its float32 reference).
-        int8: ``"refit"`` (default), ``"ranges"`` or ``"converter"``: how the int8 file is
-            calibrated after onnx2tf (:func:`vbxfx.quant.calibrate.calibrate_int8`, on the
+        int8: ``"bias"`` (default), ``"optq"``, ``"ranges"`` or ``"converter"``: how the int8
+            file is calibrated after onnx2tf (:func:`vbxfx.quant.calibrate.calibrate_int8`, on the
             first :data:`INT8_SAMPLES` calibration samples; needs ai-edge-litert).
         keep_float: also write onnx2tf's float32 TFLite of the same graph at
             :func:`float_reference_path` (``model_float32.tflite``), the per-layer reference

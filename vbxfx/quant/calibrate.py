@@ -6,10 +6,14 @@ float32 file onnx2tf wrote beside it and the export's calibration data:
 
 1. ``"ranges"``: every activation gets the int8 range of least error on the float
    activations (:mod:`vbxfx.quant.ranges`) instead of the converter's min/max;
-2. ``"refit"`` (the default, after the ranges): every CONV_2D / DEPTHWISE_CONV_2D /
-   FULLY_CONNECTED layer, in graph order, has its int8 filter rounded with the errors carried
-   through its inputs' statistics and its bias corrected on the data
-   (:mod:`vbxfx.quant.rounding`), inside each compressed layer's pattern.
+2. ``"bias"`` (the default, after the ranges): every CONV_2D / DEPTHWISE_CONV_2D /
+   FULLY_CONNECTED layer, in graph order, has its int32 bias set so that its mean output on
+   the data, with every earlier layer as int8 computes it, equals the float model's
+   (empirical bias correction, :mod:`vbxfx.quant.rounding`); no int8 weight changes;
+3. ``"optq"`` (after the ranges): as ``"bias"``, and the int8 filters rounded anew with the
+   errors carried through the inputs' statistics (OPTQ) inside each compressed layer's
+   pattern. On MobileNetV2 it did not beat ``"bias"`` (BENCHMARKS.md), so it is not the
+   default.
 
 Only numbers change: scales, zero points, int8 filters, int32 biases, each written over its
 own bytes. The result is kept only when the file's output on the calibration data is closer
@@ -34,7 +38,6 @@ from typing import Any
 import numpy as np
 
 from vbxfx.errors import CheckError, ConfigError
-from vbxfx.export.tflite_reader import read_tflite
 from vbxfx.quant.interpreter import TfliteRunner
 from vbxfx.quant.metrics import sqnr_db
 from vbxfx.quant.patch import Int8File, pair_operators
@@ -45,8 +48,9 @@ __all__ = ["calibrate_int8", "CalibrationReport", "METHODS"]
 
 logger = logging.getLogger(__name__)
 
-#: ``converter``: onnx2tf's file as it is; ``ranges``: step 1; ``refit``: steps 1 and 2.
-METHODS = ("refit", "ranges", "converter")
+#: ``converter``: onnx2tf's file as it is; ``ranges``: step 1; ``bias``: steps 1 and 2;
+#: ``optq``: steps 1 and 3.
+METHODS = ("bias", "optq", "ranges", "converter")
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,9 @@ class CalibrationReport:
     def line(self) -> str:
         if self.method == "converter":
             return "int8: the converter's ranges and rounding (--int8 converter)"
-        what = ("ranges" if self.method == "ranges"
-                else f"ranges and {self.layers_refit} layers refit")
+        what = {"ranges": "ranges",
+                "bias": f"ranges and {self.layers_refit} biases corrected",
+                "optq": f"ranges and {self.layers_refit} layers refit (OPTQ)"}[self.method]
         outcome = "kept" if self.kept else "not better: the converter's file kept"
         return (f"int8 calibration ({what}) on {self.samples} samples: output SQNR against "
                 f"float32 {self.sqnr_before:.1f} -> {self.sqnr_after:.1f} dB, {outcome} "
@@ -98,7 +103,7 @@ def _check_delegate(f: Int8File) -> None:
 
 
 def calibrate_int8(tflite: str | os.PathLike, float_tflite: str | os.PathLike, data: Any, *,
-                   method: str = "refit", output: str | os.PathLike | None = None,
+                   method: str = "bias", output: str | os.PathLike | None = None,
                    keep_filters: frozenset[int] = frozenset(),
                    progress: Callable[[str], None] | None = None) -> CalibrationReport:
     """Calibrate the int8 file ``tflite`` against ``float_tflite`` on ``data`` (module
@@ -131,11 +136,11 @@ def calibrate_int8(tflite: str | os.PathLike, float_tflite: str | os.PathLike, d
             Int8File(tflite).save(out)
         return CalibrationReport(method, True, len(x))
     f = Int8File(tflite)
-    fmodel = read_tflite(float_tflite)
-    pairs = pair_operators(f.model, fmodel)
-    reference = TfliteRunner(float_tflite, preserve_all=True)
+    ref = Int8File(float_tflite)
+    pairs = pair_operators(f.model, ref.model)
     expected = _outputs(TfliteRunner(float_tflite), x)
     before = sqnr_db(expected, _outputs(TfliteRunner(f.path), x))
+    reference = TfliteRunner(float_tflite, preserve_all=True)
 
     def float_values(k: int):
         reference.invoke(x[k:k + 1])
@@ -149,7 +154,7 @@ def calibrate_int8(tflite: str | os.PathLike, float_tflite: str | os.PathLike, d
     chosen = choose_ranges(f, pairs, float_values, len(x))
     apply_ranges(f, chosen)
     layers, notes = 0, []
-    if method == "refit":
+    if method in ("bias", "optq"):
         def int8_runner():
             runner = TfliteRunner(f.path, content=f.content(), preserve_all=True)
 
@@ -162,13 +167,14 @@ def calibrate_int8(tflite: str | os.PathLike, float_tflite: str | os.PathLike, d
             return value
 
         def weight(index: int) -> np.ndarray:
-            return fmodel.data(fmodel.tensors[index])
+            return ref.constant(index)
 
         def step(n: int, total: int) -> None:
             if n % 10 == 0:
-                say(f"int8 refit: layer {n + 1}/{total}")
+                say(f"int8 {method}: layer {n + 1}/{total}")
         layers, notes = refit_filters(f, pairs, weight, int8_runner, float_tensor, len(x),
-                                      progress=step, keep=frozenset(keep_filters))
+                                      progress=step, keep=frozenset(keep_filters),
+                                      round_filters=method == "optq")
     try:
         after = sqnr_db(expected, _outputs(TfliteRunner(f.path, content=f.content()), x))
         _check_delegate(f)
@@ -176,8 +182,8 @@ def calibrate_int8(tflite: str | os.PathLike, float_tflite: str | os.PathLike, d
         raise CheckError(f"{f.path}: the calibrated file does not run: {e}") from e
     kept = bool(after > before)
     (f if kept else Int8File(tflite)).save(out)
-    report = CalibrationReport(method, kept, len(x), len(chosen), layers, round(before, 2),
-                               round(after, 2), round(time.perf_counter() - t0, 1),
-                               tuple(notes))
+    report = CalibrationReport(method, kept, len(x), len(chosen), layers,
+                               round(before, 2), round(after, 2),
+                               round(time.perf_counter() - t0, 1), tuple(notes))
     logger.info("%s", report.line())
     return report

@@ -99,6 +99,10 @@ class Int8File:
         count = int(np.prod(t.shape, dtype=np.int64))
         return np.frombuffer(self.buf, np.dtype(dtype), count, t.data_offset).reshape(t.shape)
 
+    def constant(self, index: int) -> np.ndarray:
+        """The constant data of tensor ``index`` in its own type, writable."""
+        return self._view(index, self.model.tensors[index].dtype)
+
     def weights(self, index: int) -> np.ndarray:
         """The int8 filter of tensor ``index``, writable."""
         return self._view(index, "int8")

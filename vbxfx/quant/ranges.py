@@ -29,7 +29,8 @@ __all__ = ["choose_ranges", "apply_ranges", "int8_params", "grid_error"]
 logger = logging.getLogger(__name__)
 
 #: Operators whose int8 kernels take any input and output quantization.
-FREE = frozenset(FILTERED) | {"ADD", "SUB", "MUL", "MEAN", "SUM", "HARD_SWISH", "SQUARED_DIFFERENCE"}
+FREE = frozenset(FILTERED) | {"ADD", "SUB", "MUL", "MEAN", "SUM", "HARD_SWISH",
+                              "SQUARED_DIFFERENCE"}
 #: Operators whose input(s) and output must share one quantization.
 SHARED = frozenset({"PAD", "PADV2", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "MAX_POOL_2D",
                     "AVERAGE_POOL_2D", "CONCATENATION", "STRIDED_SLICE", "SLICE", "SPLIT",

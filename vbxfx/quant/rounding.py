@@ -33,7 +33,11 @@ __all__ = ["refit_filters", "optq_round", "patches"]
 logger = logging.getLogger(__name__)
 
 #: Damping of ``H`` (a fraction of its mean diagonal) before it is inverted.
-DAMP = 1e-3
+DAMP = 1e-2
+#: Rows (sample positions) per column of ``H`` below which a layer is rounded to nearest:
+#: with fewer, the error feedback fits the calibration samples and not the next image
+#: (MobileNetV2's classifier sees one row per sample).
+MIN_ROWS_PER_COLUMN = 20
 #: A dense (repeat 4) filter with more zeros than this is left alone: its zeros may be an
 #: unstructured pattern this refit does not know.
 SPARSE_DENSE = 0.25
@@ -145,13 +149,14 @@ def _layer_stats(p: OperatorPair, f: Int8File, int8_tensor: Callable, float_tens
         mq = pq.sum(0) if mq is None else mq + pq.sum(0)
         mf = pf.sum(0) if mf is None else mf + pf.sum(0)
         rows += len(pq)
-    return h, mq / rows, mf / rows
+    return h, mq / rows, mf / rows, rows
 
 
 def refit_filters(f: Int8File, pairs: list[OperatorPair], float_weight: Callable,
                   int8_runner: Callable, float_tensor: Callable, count: int,
                   progress: Callable[[int, int], None] | None = None,
-                  keep: frozenset[int] = frozenset()) -> tuple[int, list[str]]:
+                  keep: frozenset[int] = frozenset(),
+                  round_filters: bool = True) -> tuple[int, list[str]]:
     """Refit every filtered layer of ``f`` in place (module docstring); returns the number of
     layers refit and notes on those left as they were.
 
@@ -160,6 +165,7 @@ def refit_filters(f: Int8File, pairs: list[OperatorPair], float_weight: Callable
     ``float_tensor(sample, float tensor)`` the float32 file's values. The filters of the
     int8 operators in ``keep`` (indices; e.g. layers declared in the unstructured format,
     whose pairs this refit does not know) stay as they are; their biases are corrected.
+    ``round_filters=False`` keeps every int8 filter and corrects the biases alone.
     """
     layers = [p for p in pairs if p.q.op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
               and len(p.q.inputs) > 2 and p.q.inputs[2] >= 0 and f.activation(p.q.inputs[0])]
@@ -177,7 +183,10 @@ def refit_filters(f: Int8File, pairs: list[OperatorPair], float_weight: Callable
         if p.q.op == "CONV_2D" and f.tensor(p.q.inputs[0]).shape[-1] != shape[-1]:
             notes.append(f"{name}: grouped convolution, left as converted")
             continue
-        pattern = None if depthwise else ("keep" if p.q.index in keep else _pattern(q8))
+        if not round_filters:
+            pattern = "all"
+        else:
+            pattern = None if depthwise else ("keep" if p.q.index in keep else _pattern(q8))
         wf = np.asarray(float_weight(p.f.inputs[1]), dtype=np.float64)
         bf = (np.asarray(float_weight(p.f.inputs[2]), dtype=np.float64) if len(p.f.inputs) > 2
               and p.f.inputs[2] >= 0 else np.zeros(shape[-1] if depthwise else shape[0]))
@@ -185,17 +194,21 @@ def refit_filters(f: Int8File, pairs: list[OperatorPair], float_weight: Callable
         channels = shape[-1] if depthwise else shape[0]
         ws = w_scale if w_scale.size == channels else np.full(channels, w_scale[0])
         run = int8_runner()
-        h, mq, mf = _layer_stats(p, f, run, float_tensor, count, depthwise, shape)
+        h, mq, mf, rows = _layer_stats(p, f, run, float_tensor, count, depthwise, shape)
+        nearest = rows < MIN_ROWS_PER_COLUMN * h.shape[-1]
+        if nearest:
+            h = np.broadcast_to(np.eye(h.shape[-1]), h.shape)      # no error feedback
         if depthwise:
             w = wf.reshape(-1, channels).T                                    # [C, kh*kw]
-            q = optq_round(w, h[:, :-1, :-1], ws)
+            q = (q8.reshape(-1, channels).T.astype(np.int64) if pattern == "all"
+                 else optq_round(w, h[:, :-1, :-1], ws))
             value = (mf[:-1].T * w).sum(1) + bf - (mq[:-1].T * q * ws[:, None]).sum(1)
             q8[...] = q.T.reshape(shape).astype(np.int8)
         else:
             w = wf.reshape(channels, -1)
             if pattern == "keep":
                 notes.append(f"{name}: declared unstructured: filter kept, bias corrected")
-            elif isinstance(pattern, str):
+            elif pattern == "skip":
                 notes.append(f"{name}: a dense filter with {float((q8 == 0).mean()):.0%} "
                              "zeros (an unstructured pattern?): bias corrected only")
             if isinstance(pattern, str):
