@@ -12,7 +12,8 @@ DATA``).
 - :mod:`vbxfx.quant.calibrate`: :func:`calibrate_int8`, what ``vbxfx export --tflite`` does to
   the converter's int8 file to keep it close to float, through :mod:`vbxfx.quant.patch` (the
   file's numbers written in place), :mod:`vbxfx.quant.ranges` (activation ranges of least
-  error) and :mod:`vbxfx.quant.rounding` (filters and biases refit inside their patterns).
+  error) and :mod:`vbxfx.quant.rounding` (biases corrected on the data; OPTQ rounding of the
+  filters inside their patterns as an option).
 """
 
 from vbxfx.lazy import attach

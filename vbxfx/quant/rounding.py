@@ -1,20 +1,24 @@
-"""The int8 filters and biases refit to the data, layer by layer, inside every layer's pattern.
+"""The int8 biases (and, as an option, filters) refit to the data, layer by layer, inside
+every layer's pattern.
 
-The converter rounds each weight to its nearest int8 value on its own. :func:`refit_filters`
-instead visits the filtered layers in graph order and, for each one, runs the file as it
-stands so far (earlier layers already refit) on the calibration samples, then
+The converter rounds each weight to its nearest int8 value on its own, and each layer's bias
+ignores the error the int8 layers before it add. :func:`refit_filters` visits the filtered
+layers in graph order and, for each one, runs the file as it stands so far (earlier layers
+already refit) on the calibration samples, then
 
-* rounds the layer's float weights to the int8 grid of the file's own scales column by
-  column, carrying each rounding error onto the columns not yet rounded through the inverse
-  of ``H = X^T X`` of the layer's int8 inputs ``X`` (OPTQ/GPTQ, Frantar et al. 2023), so the
-  errors cancel on the data instead of adding up;
+* (``round_filters=True``, ``vbxfx export --int8 optq``) rounds the layer's float weights
+  to the int8 grid of the file's own scales column by column, carrying each rounding error
+  onto the columns not yet rounded through the inverse of ``H = X^T X`` of the layer's int8
+  inputs ``X`` (OPTQ/GPTQ, Frantar et al. 2023), so the errors cancel on the data instead
+  of adding up (a layer with fewer than :data:`MIN_ROWS_PER_COLUMN` rows per column of ``H``
+  is rounded to nearest);
 * sets the int32 bias so that the layer's mean output on the data equals the float model's,
   which takes the error of every earlier layer out of the mean (empirical bias correction).
 
-A compressed layer keeps its pattern exactly: a weight that is zero stays zero, and the
-second weight of a pair takes the first's int8 magnitude with the pair's sign relation
-(:func:`vbxfx.format.encode_weight` of the converter's int8 filter), so every repeat the
-file declared still holds. Depthwise layers are refit channel by channel.
+Under OPTQ a compressed layer keeps its pattern exactly: a weight that is zero stays zero,
+and the second weight of a pair takes the first's int8 magnitude with the pair's sign
+relation (:func:`vbxfx.format.encode_weight` of the converter's int8 filter), so every
+repeat the file declared still holds. Depthwise layers are refit channel by channel.
 """
 
 from __future__ import annotations
