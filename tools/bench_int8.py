@@ -72,7 +72,7 @@ def run(args) -> list[dict]:
                           onnx2tf=args.onnx2tf, int8="converter", force=True)
         print(f"compression {c}: compressed and converted in {time.perf_counter() - t0:.0f} s",
               file=sys.stderr)
-        for method in METHODS:
+        for method in args.methods:
             path = base if method == "converter" else os.path.join(work, f"m{c}_{method}.tflite")
             seconds = 0.0
             if method != "converter":
@@ -107,6 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=32,
                    help="of those, the samples calibrate_int8 runs on (the export's default)")
     p.add_argument("--eval", type=int, default=256, help="held-out evaluation crops")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="int8 calibration methods to compare (default: all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--onnx2tf", default=None, help="the onnx2tf executable")
     p.add_argument("--json", default=None, help="also write the rows here")

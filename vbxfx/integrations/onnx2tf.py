@@ -293,6 +293,12 @@ def _calibrate(made: str, made_float: str, data, mean, std, method: str, result,
     except VbxError as e:
         result.notes.append(f"int8 calibration skipped, the converter's file kept: {e}")
         return None
+    except Exception as e:  # a failure here must not cost the user the converted file
+        logger.debug("int8 calibration failed", exc_info=True)
+        result.notes.append(f"int8 calibration failed ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}), the "
+                            "converter's file kept")
+        return None
 
 
 def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *,

@@ -14,6 +14,10 @@ already refit) on the calibration samples, then
   is rounded to nearest);
 * sets the int32 bias so that the layer's mean output on the data equals the float model's,
   which takes the error of every earlier layer out of the mean (empirical bias correction).
+  Alone (``round_filters=False``, the default ``vbxfx export --int8 bias``) the means are
+  those of the layer's int8 and float *outputs*, over the positions where the float output
+  is inside the int8 range and off the fused activation's bounds; with OPTQ, those of the
+  pre-activation outputs computed from the layer's inputs.
 
 Under OPTQ a compressed layer keeps its pattern exactly: a weight that is zero stays zero,
 and the second weight of a pair takes the first's int8 magnitude with the pair's sign
@@ -156,6 +160,29 @@ def _layer_stats(p: OperatorPair, f: Int8File, int8_tensor: Callable, float_tens
     return h, mq / rows, mf / rows, rows
 
 
+def _output_correction(p: OperatorPair, f: Int8File, int8_tensor: Callable,
+                       float_tensor: Callable, count: int) -> np.ndarray:
+    """Per output channel, the mean of (int8 output - float output) over the positions where
+    the float output lies inside the int8 range and off the fused activation's bounds (where
+    a bias change moves the output one for one)."""
+    scale, zero = f.activation(p.q.outputs[0])
+    lo, hi = (-128 - zero) * scale, (127 - zero) * scale
+    act = p.q.options.get("activation", "NONE")
+    total = count_live = 0
+    for k in range(count):
+        q = int8_tensor(k, p.q.outputs[0])
+        r = float_tensor(k, p.f.outputs[0])
+        q, r = q.reshape(-1, q.shape[-1]), r.reshape(-1, r.shape[-1])
+        live = (r > lo + scale) & (r < hi - scale)
+        if act in ("RELU", "RELU6", "RELU_N1_TO_1"):
+            live &= r > 1e-6
+        if act == "RELU6":
+            live &= r < 6.0 - 1e-6
+        total = total + ((q - r) * live).sum(0)
+        count_live = count_live + live.sum(0)
+    return total / np.maximum(count_live, 1)
+
+
 def refit_filters(f: Int8File, pairs: list[OperatorPair], float_weight: Callable,
                   int8_runner: Callable, float_tensor: Callable, count: int,
                   progress: Callable[[int, int], None] | None = None,
@@ -181,16 +208,19 @@ def refit_filters(f: Int8File, pairs: list[OperatorPair], float_weight: Callable
         shape = q8.shape
         depthwise = p.q.op == "DEPTHWISE_CONV_2D"
         name = f.tensor(p.q.outputs[0]).name.split(";")[0]
+        if not round_filters:        # bias correction alone, on the layer's outputs
+            shift = _output_correction(p, f, int8_runner(), float_tensor, count)
+            bias = f.bias(p.q.inputs[2]).astype(np.float64) * f.scales(p.q.inputs[2])
+            f.write_bias(p.q, bias - shift)
+            done += 1
+            continue
         if depthwise and f.tensor(p.q.inputs[0]).shape[-1] != shape[-1]:
             notes.append(f"{name}: depth multiplier > 1, left as converted")
             continue
         if p.q.op == "CONV_2D" and f.tensor(p.q.inputs[0]).shape[-1] != shape[-1]:
             notes.append(f"{name}: grouped convolution, left as converted")
             continue
-        if not round_filters:
-            pattern = "all"
-        else:
-            pattern = None if depthwise else ("keep" if p.q.index in keep else _pattern(q8))
+        pattern = None if depthwise else ("keep" if p.q.index in keep else _pattern(q8))
         wf = np.asarray(float_weight(p.f.inputs[1]), dtype=np.float64)
         bf = (np.asarray(float_weight(p.f.inputs[2]), dtype=np.float64) if len(p.f.inputs) > 2
               and p.f.inputs[2] >= 0 else np.zeros(shape[-1] if depthwise else shape[0]))
@@ -204,8 +234,7 @@ def refit_filters(f: Int8File, pairs: list[OperatorPair], float_weight: Callable
             h = np.broadcast_to(np.eye(h.shape[-1]), h.shape)      # no error feedback
         if depthwise:
             w = wf.reshape(-1, channels).T                                    # [C, kh*kw]
-            q = (q8.reshape(-1, channels).T.astype(np.int64) if pattern == "all"
-                 else optq_round(w, h[:, :-1, :-1], ws))
+            q = optq_round(w, h[:, :-1, :-1], ws)
             value = (mf[:-1].T * w).sum(1) + bf - (mq[:-1].T * q * ws[:, None]).sum(1)
             q8[...] = q.T.reshape(shape).astype(np.int8)
         else:
