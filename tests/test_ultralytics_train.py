@@ -301,11 +301,11 @@ def test_the_whole_yolo_path_to_the_int8_tflite(trained, tmp_path):
     vbxfx check of the file vnnx_compile reads: every declared repeat holds there."""
     from ultralytics import YOLO
 
-    from test_tflite_export import _onnx2tf
+    from converter import onnx2tf_or_skip
     from vbxfx.check.tflite_check import check_tflite
     from vbxfx.cli.main import main
 
-    exe = _onnx2tf()
+    exe = onnx2tf_or_skip()
     _, run, _ = trained
     best = run / "weights" / "best.pt"
     onnx_path = Path(YOLO(str(best)).export(format="onnx", imgsz=64))

@@ -148,7 +148,7 @@ def _ucomp_count(weight) -> int:
     import torch
 
     from vbxfx.format import unstructured_macs
-    return unstructured_macs(torch.as_tensor(weight, dtype=torch.float32))
+    return unstructured_macs(torch.tensor(np.asarray(weight), dtype=torch.float32))
 
 
 def _from_report(path: str) -> list[Declared]:
