@@ -12,8 +12,9 @@ float32 file onnx2tf wrote beside it and the export's calibration data:
    (empirical bias correction, :mod:`vbxfx.quant.rounding`); no int8 weight changes;
 3. ``"optq"`` (after the ranges): as ``"bias"``, and the int8 filters rounded anew with the
    errors carried through the inputs' statistics (OPTQ) inside each compressed layer's
-   pattern. On MobileNetV2 it did not beat ``"bias"`` (BENCHMARKS.md), so it is not the
-   default.
+   pattern. On MobileNetV2 its KL against float was the lowest by a little, but it rewrites
+   every filter and fell back with more calibration samples (BENCHMARKS.md), so it is not
+   the default.
 
 Only numbers change: scales, zero points, int8 filters, int32 biases, each written over its
 own bytes. The result is kept only when the file's output on the calibration data is closer
