@@ -196,3 +196,22 @@ def test_export_command_refuses_an_unknown_int8_method(tmp_path, capsys):
         main(["export", str(tmp_path / "m.onnx"), "--tflite", str(tmp_path / "m.tflite"),
               "--int8", "best"])
     assert e.value.code == 2 and "--int8" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_export_command_reports_the_calibration(converted, tmp_path, capfd):
+    """``vbxfx export --int8 ranges --json`` as a user runs it: the JSON says what the
+    calibration did, and stderr carries its line."""
+    import json
+
+    from vbxfx.cli import main
+
+    out = tmp_path / "cli.tflite"
+    code = main(["export", str(converted["onnx"]), "--tflite", str(out), "--calib",
+                 str(converted["root"] / "calib.npy"), "--onnx2tf", converted["exe"],
+                 "--int8", "ranges", "--json"])
+    captured = capfd.readouterr()
+    report = json.loads(captured.out)
+    assert code == 0 and out.is_file() and report["check"]["ok"]
+    assert report["int8"]["method"] == "ranges" and report["int8"]["ranges_changed"] > 0
+    assert "int8 calibration (ranges)" in captured.err

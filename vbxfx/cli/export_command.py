@@ -48,10 +48,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 
 def run_export_command(args: argparse.Namespace,
-                       note: Callable[[str], None] | None = None) -> int:
+                       note: Callable[[str], None] | None = None,
+                       out: Callable[[str], None] | None = None) -> int:
     """Run ``vbxfx export`` with parsed options: 0 the TFLite checks, 1 it does not; errors
     (:class:`~vbxfx.errors.VbxError`) propagate to the CLI (exit 2)."""
     note = note or (lambda text: print(text, file=sys.stderr))
+    out = out or print      # the CLI passes its console: with --json, stdout holds the JSON alone
     result = convert_to_tflite(args.onnx, args.tflite, calib=args.calib,
                                normalize=args.normalize, onnx2tf=args.onnx2tf,
                                force=args.force, work_dir=args.work_dir,
@@ -62,11 +64,11 @@ def run_export_command(args: argparse.Namespace,
     if result.int8 is not None:
         note(result.int8.line())
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        out(json.dumps(result.to_dict(), indent=2))
     else:
-        print(result.check)
+        out(str(result.check))
         kept = (f" and its float32 reference {result.float_output}" if result.float_output
                 else "")
-        print(f"\nwrote {result.output}{kept} in {result.seconds:.0f} s"
-              + ("" if result.check.ok else "  (CHECK FAILED)"))
+        out(f"\nwrote {result.output}{kept} in {result.seconds:.0f} s"
+            + ("" if result.check.ok else "  (CHECK FAILED)"))
     return 0 if result.check.ok else 1

@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "vnnx_compile reads (onnx2tf, on a copy) and check it")
     from vbxfx.cli.export_command import add_export_arguments, run_export_command
     add_export_arguments(p)
-    p.set_defaults(func=lambda args, con: run_export_command(args, con.note))
+    p.set_defaults(func=lambda args, con: run_export_command(
+        args, con.note, lambda text: print(text, file=con.stdout, flush=True)))
 
     p = sub.add_parser("demo", parents=common, help="the whole pipeline on a model that ships with vbxfx")
     p.add_argument("--compression", type=float, default=0.66)
