@@ -13,7 +13,10 @@ DATA``).
   the converter's int8 file to keep it close to float, through :mod:`vbxfx.quant.patch` (the
   file's numbers written in place), :mod:`vbxfx.quant.ranges` (activation ranges of least
   error) and :mod:`vbxfx.quant.rounding` (biases corrected on the data; OPTQ rounding of the
-  filters inside their patterns as an option).
+  filters inside their patterns as an option);
+- :mod:`vbxfx.quant.qat`: :func:`finetune_int8`, fine-tuning of the float model under the
+  int8 grids the converter will use (fake quantization that keeps every pattern and pair),
+  before export.
 """
 
 from vbxfx.lazy import attach
@@ -24,4 +27,5 @@ __getattr__, __dir__, __all__ = attach(__name__, {
     "vbxfx.quant.metrics": ("top1_agreement", "kl_divergence", "sqnr_db"),
     "vbxfx.quant.files": ("float_reference_path",),
     "vbxfx.quant.calibrate": ("calibrate_int8", "CalibrationReport"),
+    "vbxfx.quant.qat": ("finetune_int8", "fake_quant_model", "Int8FinetuneResult"),
 })
