@@ -43,6 +43,14 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                              "then every bias corrected on the calibration data; no weight "
                              "changes), optq (also the filters rounded anew, patterns kept), "
                              "ranges (the ranges only), or converter (onnx2tf's file as it is)")
+    cut = parser.add_mutually_exclusive_group()
+    cut.add_argument("--cut-head", action="store_true",
+                     help="end the int8 graph at an ultralytics Detect head's box and class "
+                          "convolutions (as the VectorBlox SDK's YOLO tutorials do); the host "
+                          "decodes them (vbxfx.integrations.ultralytics_head.decode_head). "
+                          "Without it, pixel boxes and class probabilities share one int8 grid")
+    cut.add_argument("--cut", nargs="+", metavar="TENSOR",
+                     help="end the int8 graph at these ONNX tensors")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
@@ -58,7 +66,9 @@ def run_export_command(args: argparse.Namespace,
                                normalize=args.normalize, onnx2tf=args.onnx2tf,
                                force=args.force, work_dir=args.work_dir,
                                keep_float=not getattr(args, "no_float", False),
-                               int8=getattr(args, "int8", "bias"), progress=note)
+                               int8=getattr(args, "int8", "bias"), progress=note,
+                               cut="detect-head" if getattr(args, "cut_head", False)
+                               else getattr(args, "cut", None))
     for text in result.notes:
         note(f"note: {text}")
     if result.int8 is not None:

@@ -220,6 +220,21 @@ def _nested(values) -> str:
     return "[[[[" + ",".join(repr(float(v)) for v in values) + "]]]]"
 
 
+def _cut(proto, cut: Any, src: str):
+    from vbxfx.errors import ConfigError
+    from vbxfx.export.cut import cut_onnx
+
+    if cut == "detect-head":
+        from vbxfx.integrations.ultralytics_head import head_outputs
+        try:
+            cut = head_outputs(proto, src)
+        except ConfigError as e:
+            raise ExportError(str(e)) from e
+    elif isinstance(cut, str):
+        cut = [cut]
+    return cut_onnx(proto, cut, src)
+
+
 def _copy_onnx(proto, src: str, dst: str) -> None:
     """Copy the ONNX file and any external-data files it names, side by side."""
     shutil.copyfile(src, dst)
@@ -305,7 +320,7 @@ def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *
                       calib: Any = None, normalize: str = "imagenet",
                       onnx2tf: str | None = None, force: bool = False,
                       work_dir: str | None = None, keep_float: bool = True,
-                      int8: str = "bias",
+                      int8: str = "bias", cut: Any = None,
                       progress: Callable[[str], None] | None = None) -> TfliteExport:
     """Convert ``onnx_path`` to int8 TFLite at ``output`` and check it (module docstring).
 
@@ -319,6 +334,9 @@ def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *
         int8: ``"bias"`` (default), ``"optq"``, ``"ranges"`` or ``"converter"``: how the int8
             file is calibrated after onnx2tf (:func:`vbxfx.quant.calibrate.calibrate_int8`, on the
             first :data:`INT8_SAMPLES` calibration samples; needs ai-edge-litert).
+        cut: tensor names to end the converted graph at (:func:`vbxfx.export.cut.cut_onnx`;
+            the host computes the rest), or ``"detect-head"``: the raw outputs of an
+            ultralytics Detect head (:func:`vbxfx.integrations.ultralytics_head.head_outputs`).
         keep_float: also write onnx2tf's float32 TFLite of the same graph at
             :func:`float_reference_path` (``model_float32.tflite``), the per-layer reference
             of :func:`vbxfx.quant.compare_int8`.
@@ -357,6 +375,8 @@ def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *
                           "vbxfx does not overwrite it (give --force, or --no-float)")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise ExportError(f"{out}: folder {os.path.dirname(os.path.abspath(out))} does not exist")
+    if cut is not None:
+        proto = _cut(proto, cut, src)
     name, shape = _image_input(proto, src)
     try:
         read_annotations(src)
@@ -383,7 +403,11 @@ def convert_to_tflite(onnx_path: str | os.PathLike, output: str | os.PathLike, *
     with tempfile.TemporaryDirectory(prefix="vbxfx-tflite-") as tmp:
         work = tmp if work_dir is None else work_dir
         os.makedirs(work, exist_ok=True)
-        _copy_onnx(proto, src, os.path.join(work, "model.onnx"))
+        if cut is None:
+            _copy_onnx(proto, src, os.path.join(work, "model.onnx"))
+        else:
+            import onnx
+            onnx.save(proto, os.path.join(work, "model.onnx"))
         np.save(os.path.join(work, "calib.npy"), data)
         rng = np.random.default_rng(0)      # onnx2tf's validation step only loads this file
         np.save(os.path.join(work, SAMPLE_FILE),
