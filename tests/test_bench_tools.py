@@ -55,3 +55,23 @@ def test_bench_payloads_tiny():
     assert set(sizes) == {"huffman-only", "zlib level 6", "zlib level 1"}, out
     raw = float(re.search(r"([\d.]+) MB raw", out).group(1))
     assert 0 < sizes["huffman-only"] < raw       # it does compress the payloads
+
+
+def test_bench_yolo_int8_tiny(tmp_path):
+    """The YOLO int8 benchmark end to end at toy size: trained dense, fine-tuned compressed,
+    yolo export, annotate, onnx2tf, calibrated, validated by ultralytics over the file."""
+    pytest.importorskip("ultralytics")
+    from converter import onnx2tf_or_skip
+
+    rows_file = tmp_path / "rows.json"
+    out = _run("bench_yolo_int8.py", "--images", "16", "--val", "8", "--imgsz", "64",
+               "--epochs", "1", "--finetune-epochs", "1", "--compression", "0.5",
+               "--methods", "converter", "bias", "--onnx2tf", onnx2tf_or_skip(),
+               "--json", str(rows_file))
+    import json
+
+    rows = json.loads(rows_file.read_text())
+    assert [(r["model"], r["method"]) for r in rows] == [("0.50", "converter"), ("0.50", "bias")]
+    assert all(r["repeats_hold"] for r in rows), out      # every declared repeat in the file
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("map", "map50", "float_map")), out
+    assert "| 0.50   | bias" in out
