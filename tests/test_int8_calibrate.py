@@ -214,3 +214,29 @@ def test_export_command_reports_the_calibration(converted, tmp_path, capfd):
     report = json.loads(captured.out)
     assert code == 0 and out.is_file() and report["check"]["ok"]
     assert report["int8"]["method"] == "ranges" and report["int8"]["ranges_changed"] > 0
+
+
+@pytest.mark.slow
+def test_operators_pair_by_the_graph_when_the_files_order_them_differently(converted):
+    """onnx2tf sometimes runs two operators that read one tensor in another order in the int8
+    file than in the float32 one (a YOLO head's box and class convolutions): the pairing
+    follows the data, and each filter meets its own float filter."""
+    import dataclasses
+
+    from vbxfx.quant.patch import pair_operators
+
+    q, f = read_tflite(converted["tflite"]), read_tflite(converted["float"])
+    ops = list(f.operators)
+    readers: dict[int, list[int]] = {}
+    for k, op in enumerate(ops):
+        if op.op not in ("QUANTIZE", "DEQUANTIZE"):
+            readers.setdefault(op.inputs[0], []).append(k)
+    i, j = next(v for v in readers.values() if len(v) == 2)    # a block's two branches
+    ops[i], ops[j] = ops[j], ops[i]
+    swapped = dataclasses.replace(f, operators=ops)
+    straight = {p.q.index: p.f.index for p in pair_operators(q, f)}
+    crossed = {p.q.index: p.f.index for p in pair_operators(q, swapped)}
+    assert crossed == straight                    # the same partners, found another way
+    missing = dataclasses.replace(f, operators=[op for k, op in enumerate(ops) if k != i])
+    with pytest.raises(CheckError, match="does not hold the operators"):
+        pair_operators(q, missing)

@@ -47,10 +47,14 @@ def pair_operators(qmodel: TfliteModel, fmodel: TfliteModel) -> list[OperatorPai
     """
     qops = [op for op in qmodel.operators if op.op not in ENDS]
     fops = [op for op in fmodel.operators if op.op not in ENDS]
-    if [op.op for op in qops] != [op.op for op in fops]:
-        raise CheckError(f"{fmodel.path} does not hold the operators of {qmodel.path} in the "
-                         f"same order ({len(fops)} vs {len(qops)} besides QUANTIZE/DEQUANTIZE): "
-                         "give the float32 file onnx2tf wrote with the int8 one")
+    if [op.op for op in qops] != [op.op for op in fops] or not _same_shapes(qmodel, fmodel,
+                                                                             qops, fops):
+        if sorted(op.op for op in qops) != sorted(op.op for op in fops):
+            raise CheckError(f"{fmodel.path} does not hold the operators of {qmodel.path} "
+                             f"({len(fops)} vs {len(qops)} besides QUANTIZE/DEQUANTIZE): give "
+                             "the float32 file onnx2tf wrote with the int8 one")
+        from vbxfx.quant.pairing import pair_by_graph   # the order differs: follow the data
+        qops, fops = map(list, zip(*pair_by_graph(qmodel, fmodel))) if qops else ([], [])
     for q, f in zip(qops, fops):
         for a, b in zip(q.outputs, f.outputs):
             if a >= 0 and b >= 0 and qmodel.tensors[a].shape != fmodel.tensors[b].shape:
@@ -62,6 +66,12 @@ def pair_operators(qmodel: TfliteModel, fmodel: TfliteModel) -> list[OperatorPai
                              f"has a {fmodel.tensors[f.inputs[1]].dtype} filter): give the "
                              "float32 file onnx2tf wrote with the int8 one")
     return [OperatorPair(q, f) for q, f in zip(qops, fops)]
+
+
+def _same_shapes(qmodel: TfliteModel, fmodel: TfliteModel, qops, fops) -> bool:
+    return all(qmodel.tensors[a].shape == fmodel.tensors[b].shape
+               for q, f in zip(qops, fops) for a, b in zip(q.outputs, f.outputs)
+               if a >= 0 and b >= 0)
 
 
 class Int8File:
