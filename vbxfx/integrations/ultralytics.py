@@ -36,8 +36,14 @@ From the command line (the ``yolo`` command takes no trainer class)::
 takes the ``yolo train`` arguments plus ``compression``, ``budget``, ``fmt``, ``json_file``,
 ``exclude`` (comma-separated globs) and ``include_frozen``.
 
-Multi-GPU DDP training is refused (ultralytics starts its workers from a generated script that
-cannot carry the compression settings): train on one device.
+Multi-GPU DDP training (``device=0,1``): ultralytics pickles the trainer class (with its
+compression options) and the model for the workers it starts, so a model compressed in the
+launching process reaches every worker as it is; a model a worker builds itself (a ``.yaml``,
+where ultralytics seeds each rank differently, or ``resume=True``) is compressed on rank 0 and
+the other ranks take its layers, levels and patterns
+(:func:`vbxfx.modules.distributed.broadcast_compression`), before DDP wraps the model. The
+ranks then refresh together from the same averaged weights; each validation takes rank 0's
+patterns again (logging any rank that drifted), and rank 0 saves, as ultralytics does.
 """
 
 from __future__ import annotations
@@ -53,10 +59,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from vbxfx.errors import ConfigError
 from vbxfx.modules import DEFAULT_REFRESH_EVERY, FORMATS, compressed_modules, from_dense
+from vbxfx.modules.distributed import broadcast_compression
 from vbxfx.modules.swap import replace_module
 
 __all__ = ["compressed_trainer", "trainer_class", "CompressOptions", "transfer_compression",
@@ -116,23 +124,16 @@ class _CompressingTrainer:
     """Methods added in front of an ultralytics trainer class (see the module docstring)."""
 
     vbx_options: CompressOptions = CompressOptions()
-
-    def train(self) -> Any:
-        self._vbx_one_device()
-        return super().train()
-
-    def _vbx_one_device(self) -> None:
-        if getattr(self, "world_size", 1) > 1 or getattr(self, "ddp", False):
-            raise ConfigError("vbxfx's compressed trainer runs on one device; multi-GPU DDP "
-                              "training is not supported (give device=0, not a list)")
+    vbx_report: dict | None = None
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
-        self._vbx_one_device()
         start = time.perf_counter()
         model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
         source = weights.get("ema") or weights.get("model") if isinstance(weights, Mapping) \
             else weights
-        if isinstance(source, nn.Module) and any(True for _ in compressed_modules(source)):
+        if _ddp_rank() > 0:               # rank 0's compression comes over in setup_model
+            logger.debug("vbxfx: rank %d takes rank 0's compression", _ddp_rank())
+        elif isinstance(source, nn.Module) and any(True for _ in compressed_modules(source)):
             kept = transfer_compression(source, model)
             logger.info("vbxfx: %d compressed layer(s) carried over from the loaded model",
                         len(kept))
@@ -164,6 +165,12 @@ class _CompressingTrainer:
                     100 * totals["macs_removed"], h, w)
         return result.model
 
+    def setup_model(self) -> Any:
+        ckpt = super().setup_model()
+        if _ddp_rank() >= 0:              # every DDP worker, before the wrap and the EMA
+            broadcast_compression(self.model)
+        return ckpt
+
     def _setup_train(self) -> None:
         self._vbx_followed: dict[str, tuple[int, int]] = {}
         super()._setup_train()
@@ -179,6 +186,11 @@ class _CompressingTrainer:
         self._vbx_follow()
 
     def validate(self) -> Any:
+        if _ddp_rank() >= 0:              # called on every rank, like its own EMA broadcast
+            drifted = broadcast_compression(_unwrap(self.model))
+            if drifted:
+                logger.warning("vbxfx: rank %d's patterns of %s differed from rank 0's; took "
+                               "rank 0's", _ddp_rank(), ", ".join(drifted))
         self._vbx_follow()
         return super().validate()
 
@@ -189,6 +201,13 @@ class _CompressingTrainer:
     def _vbx_follow(self) -> None:
         if getattr(self, "ema", None) is not None:
             follow_patterns(_unwrap(self.model), self.ema.ema, self._vbx_followed)
+
+
+def _ddp_rank() -> int:
+    """This process's rank in an initialized multi-process group, else -1."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank()
+    return -1
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
