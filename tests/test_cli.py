@@ -321,3 +321,22 @@ def test_the_refit_line_says_when_the_refit_fell_back_to_local():
     assert line == ("refit: 63 layer(s) refit on 8 calibration image(s); mean relative output "
                     "error 0.1400 -> 0.0050 (each on the dense model's inputs: the model does "
                     "not trace symbolically)")
+
+
+def test_compress_with_int8_finetune(tmp_path):
+    """``--int8-finetune STEPS``: after the refit, training under the int8 grids; the saved
+    model is the fine-tuned one and still exports and checks."""
+    import torch
+
+    onnx_path, saved = tmp_path / "demo.onnx", tmp_path / "demo.pt"
+    out = run("compress", "demo", "--compression", "0.5", "--calib", "skimage:24",
+              "--int8-finetune", "3", "-o", str(onnx_path), "--save", str(saved), "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    tuned = data["int8_finetune"]
+    assert tuned["steps"] == 3 and tuned["int8_points"] > 5
+    assert data["check"]["ok"] and onnx_path.exists()
+    model = torch.load(saved, weights_only=False)
+    assert sum(1 for m in model.modules() if type(m).__name__.startswith("VBX")) >= 5
+    bad = run("compress", "demo", "--int8-finetune", "3")
+    assert bad.returncode == 2 and "--calib" in bad.stderr

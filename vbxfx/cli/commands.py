@@ -122,6 +122,10 @@ def cmd_compress(args: argparse.Namespace, con: Console) -> int:
 
     for path, option in ((args.output, "-o"), (args.save, "--save"), (args.plot, "--plot")):
         _writable(path, option)
+    steps = getattr(args, "int8_finetune", 0)
+    if steps < 0 or (steps and not args.calib):
+        raise ConfigError(f"--int8-finetune {steps}: give a number of steps >= 0, with --calib "
+                          "DATA (the inputs it trains on)")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("--plot needs matplotlib: pip install 'vbxfx[plot]' (or pip install "
                           "matplotlib)")
@@ -155,6 +159,18 @@ def cmd_compress(args: argparse.Namespace, con: Console) -> int:
     else:
         con.note("(add --calib skimage:64, or a folder of your images, to refit the kept "
                  "weights to the dense model's outputs)")
+    if steps:
+        from vbxfx.quant.qat import finetune_int8
+
+        with con.stage(f"int8-aware fine-tuning, {steps} steps on {calib.shape[0]} inputs"):
+            tuned = finetune_int8(result.model, example, calib, teacher=resolved.model,
+                                  steps=steps, progress=con.progress)
+        result = result._replace(model=tuned.model)
+        out["int8_finetune"] = {"steps": steps, "int8_points": tuned.int8_points,
+                                "first_loss": tuned.losses[0], "last_loss": tuned.losses[-1]}
+        con.out(f"int8-aware fine-tuning: {steps} steps, {tuned.int8_points} int8 activations, "
+                f"distillation loss {tuned.losses[0]:.4f} -> {tuned.losses[-1]:.4f} "
+                f"({tuned.seconds:.0f} s)")
     status = EXIT_OK
     if args.output:
         exp, chk, ok, check = _export_and_check(con, result.model, example, args.output)

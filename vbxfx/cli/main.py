@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "skimage[:N] (N crops of bundled photos, default 64)")
     p.add_argument("--no-reconstruct", action="store_true",
                    help="with --calib: do not refit the kept weights to the dense outputs")
+    p.add_argument("--int8-finetune", type=int, default=0, metavar="STEPS",
+                   help="with --calib: then train the compressed model towards the dense one "
+                        "for STEPS steps under the int8 grids the converter will use "
+                        "(vbxfx.quant.finetune_int8; give a few hundred inputs or more)")
     p.add_argument("--fmt", choices=("comp", "ucomp"), default="comp", help="structured (default) or unstructured")
     p.add_argument("--allow-dense", action="store_true", help="let the allocator keep sensitive layers dense")
     p.add_argument("--include-frozen", action="store_true",
