@@ -20,6 +20,7 @@ ai-edge-litert. Prints a table; ``--json FILE`` writes the rows.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -37,6 +38,7 @@ from vbxfx.integrations.onnx2tf import convert_to_tflite  # noqa: E402
 from vbxfx.quant import calibrate_int8, compare_int8, float_reference_path  # noqa: E402
 from vbxfx.quant.interpreter import TfliteRunner  # noqa: E402
 from vbxfx.quant.qat import finetune_int8  # noqa: E402
+from vbxfx.refit.distill import distill  # noqa: E402
 from vbxfx.quant.metrics import kl_divergence, sqnr_db, top1_agreement  # noqa: E402
 
 from compare_allocation import load_mobilenet  # noqa: E402
@@ -71,11 +73,16 @@ def run(args) -> list[dict]:
             model = vbxfx.compress(dense, x, compression=c, calib_data=calib.split(16)).model
         else:
             model = dense
-        variants = [("", model.eval())] if args.qat_steps == 0 or args.qat_too else []
+        tuning = args.qat_steps or args.distill_steps
+        variants = [("", model.eval())] if not tuning or args.qat_too else []
+        photos = CALIB_PHOTOS if args.held_out == "photos" else PHOTOS
+        data = torch.cat([calib, natural_image_crops(args.qat_data, 224, seed=2,
+                                                     photos=photos)]) if tuning else None
+        if args.distill_steps:            # the same training in float: what int8-awareness adds
+            student = copy.deepcopy(model)
+            distill(student, dense, data, steps=args.distill_steps, lr=1e-5)
+            variants.append(("distill+", student.eval()))
         if args.qat_steps:
-            photos = CALIB_PHOTOS if args.held_out == "photos" else PHOTOS
-            data = torch.cat([calib, natural_image_crops(args.qat_data, 224, seed=2,
-                                                         photos=photos)])
             tuned = finetune_int8(model, x, data, teacher=dense, steps=args.qat_steps,
                                   calib_samples=args.calib).model
             variants.append(("qat+", tuned))
@@ -141,6 +148,9 @@ def main(argv=None) -> int:
                         "dense float model as teacher) for this many steps: rows 'qat+...'")
     p.add_argument("--qat-data", type=int, default=512,
                    help="extra crops (of the calibration photos) the fine-tuning trains on")
+    p.add_argument("--distill-steps", type=int, default=0,
+                   help="also the same fine-tuning in float (vbxfx.refit.distill, no int8 "
+                        "grids) for this many steps: rows 'distill+...'")
     p.add_argument("--qat-too", action="store_true",
                    help="with --qat-steps, also the models without fine-tuning")
     p.add_argument("--threads", type=int, default=1)
