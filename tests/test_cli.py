@@ -340,3 +340,6 @@ def test_compress_with_int8_finetune(tmp_path):
     assert sum(1 for m in model.modules() if type(m).__name__.startswith("VBX")) >= 5
     bad = run("compress", "demo", "--int8-finetune", "3")
     assert bad.returncode == 2 and "--calib" in bad.stderr
+    yolo = run("compress", "ultralytics:yolov8n.yaml", "--calib", "skimage:4",
+               "--int8-finetune", "3", "--input-shape", "1,3,64,64")
+    assert yolo.returncode == 2 and "ultralytics trainer" in yolo.stderr, yolo.stderr[-500:]

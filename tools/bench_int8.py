@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from vbxfx.refit.distill import distill  # noqa: E402
 from vbxfx.quant.metrics import kl_divergence, sqnr_db, top1_agreement  # noqa: E402
 
 from compare_allocation import load_mobilenet  # noqa: E402
+from markdown_table import print_rows  # noqa: E402
 
 CALIB_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
 EVAL_PHOTOS = ("cat", "immunohistochemistry", "colorwheel", "retina")
@@ -158,17 +158,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     rows = run(args)
-    print(f"MobileNetV2, {args.eval} held-out crops (held out: {args.held_out}), "
-          f"against the dense float model "
-          f"(load {os.getloadavg()[0]:.2f})")
-    print("| model | int8      | top-1  | KL    | SQNR  | float top-1 | top-1 vs own float "
-          "| KL vs own float | repeats | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(_line(r))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    print_rows(f"MobileNetV2, {args.eval} held-out crops (held out: {args.held_out}), against "
+               f"the dense float model (load {os.getloadavg()[0]:.2f})",
+               "| model | int8 | top-1 | KL | SQNR | float top-1 | top-1 vs own float "
+               "| KL vs own float | repeats | s |", rows, _line, args.json)
     return 0
 
 

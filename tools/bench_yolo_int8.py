@@ -13,7 +13,8 @@ back in torch's layout; NMS and matching are ultralytics'). Also ``check_tflite 
 every declared repeat holds in the int8 filters.
 
     YOLO_OFFLINE=1 OMP_NUM_THREADS=1 VBXFX_TFLITE_ENV=.venv-tflite \\
-        python tools/bench_yolo_int8.py --images 256 --val 64 --imgsz 128 --epochs 30
+        python tools/bench_yolo_int8.py --images 256 --val 64 --imgsz 64 --epochs 40 \\
+        --methods converter ranges bias
 
 Needs the converter environment (``bash tools/setup_tflite_env.sh .venv-tflite``) and
 ai-edge-litert. Prints a table; ``--json FILE`` writes the rows.
@@ -22,7 +23,6 @@ ai-edge-litert. Prints a table; ``--json FILE`` writes the rows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from markdown_table import print_rows  # noqa: E402
 from yolo_data import make_detection_set, offline_ultralytics  # noqa: E402
 
 METHODS = ("converter", "ranges", "bias", "optq")
@@ -170,8 +171,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=256, help="generated training images")
     p.add_argument("--val", type=int, default=64, help="generated validation images")
-    p.add_argument("--imgsz", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=30, help="dense training epochs")
+    p.add_argument("--imgsz", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=40, help="dense training epochs")
     p.add_argument("--finetune-epochs", type=int, default=10,
                    help="epochs of compressed fine-tuning from the dense best.pt")
     p.add_argument("--batch", type=int, default=16)
@@ -187,16 +188,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     rows = run(args)
-    print(f"yolov8n on generated data, {args.images} train / {args.val} val images at "
-          f"{args.imgsz} px (load {os.getloadavg()[0]:.2f})")
-    print("| model | int8 | float mAP50-95 | int8 mAP50-95 | difference | float mAP50 | "
-          "int8 mAP50 | repeats | s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(_line(r))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    print_rows(f"yolov8n on generated data, {args.images} train / {args.val} val images at "
+               f"{args.imgsz} px (load {os.getloadavg()[0]:.2f})",
+               "| model | int8 | float mAP50-95 | int8 mAP50-95 | difference | float mAP50 | "
+               "int8 mAP50 | repeats | s |", rows, _line, args.json)
     return 0
 
 

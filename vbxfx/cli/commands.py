@@ -136,6 +136,10 @@ def cmd_compress(args: argparse.Namespace, con: Console) -> int:
     from vbxfx.cli.report import format_report, plot_allocation
 
     resolved, example = _model_and_input(args)
+    if steps and resolved.family == "ultralytics":
+        raise ConfigError(f"--int8-finetune: {resolved.description} does not trace with "
+                          "torch.fx.symbolic_trace, which int8-aware fine-tuning needs; train "
+                          "YOLO models in the ultralytics trainer (vbxfx yolo train)")
     con.note(f"vbxfx compress {resolved.description}, input {tuple(example.shape)}")
     calib = None
     if args.calib:
