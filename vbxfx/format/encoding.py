@@ -29,13 +29,13 @@ from dataclasses import dataclass
 import torch
 
 from vbxfx.errors import FormatError
-from vbxfx.format.cost import BLOCK, check_repeat, padded_channels
+from vbxfx.format.cost import check_repeat
 from vbxfx.format.layout import check_weight, from_blocks, from_vectors, to_blocks, to_vectors
 from vbxfx.format.structured import _pair_ok, _rows_ok, fits_blocks
 from vbxfx.format.weights import explain_violation, weight_repeat
 
 __all__ = ["PairEncoding", "encode_weight", "encode_unstructured", "apply_encoding",
-           "pattern_coefficients"]
+           "pattern_coefficients", "structured_offsets", "offsets_to_pairs"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,46 @@ def _partners(w: torch.Tensor, repeat: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
+def structured_offsets(weight: torch.Tensor, repeat: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor]:
+    """``(mask, offset, opposite)`` of a weight that fits ``repeat`` exactly, in its shape.
+
+    ``offset`` (int8) is how many input channels away the weight's partner sits (0: no
+    partner; a partner is at most 3 channels away, in the same block), ``opposite`` (bool)
+    whether the pair's signs differ. The compact form of :func:`encode_weight`'s result,
+    computed without flat indices; a compressed layer derives everything it keeps from it.
+
+    Raises:
+        FormatError: the weight does not fit ``repeat``; the message locates the block.
+    """
+    check_repeat(repeat)
+    w = to_blocks(weight.detach().cpu()).t().contiguous()
+    partner, fit = _partners(w, repeat)
+    if not bool(fit.all()):
+        raise FormatError(f"cannot encode: {explain_violation(weight, repeat, quantize=False)}")
+    rows = torch.arange(8).unsqueeze(1)
+    other = w.gather(0, partner)
+    paired = (w != 0) & (other != 0) & (partner != rows)
+    offset = (partner - rows).mul_(paired).to(torch.int8)
+    opposite = paired & ((w < 0) != (other < 0))
+    shape, dev = weight.shape, weight.device
+    return ((weight != 0).detach().clone(), from_blocks(offset.t(), shape).to(dev),
+            from_blocks(opposite.t(), shape).to(dev))
+
+
+def offsets_to_pairs(offset: torch.Tensor, opposite: torch.Tensor) -> tuple[torch.Tensor,
+                                                                            torch.Tensor]:
+    """``(pair_index int64, pair_sign int8)`` from channel offsets and sign relations."""
+    shape = offset.shape
+    stride = math.prod(shape[2:]) if len(shape) > 2 else 1
+    paired = offset != 0
+    pos = torch.arange(offset.numel(), device=offset.device).view(shape)
+    index = torch.where(paired, pos + offset.to(torch.int64) * stride, -1)
+    sign = (1 - 2 * opposite.to(torch.int8)) * paired.to(torch.int8)
+    return index, sign
+
+
+@torch.no_grad()
 def encode_weight(weight: torch.Tensor, repeat: int | None = None) -> PairEncoding:
     """Mask, pair indices and signs of a weight that fits ``repeat`` exactly (float values).
 
@@ -118,34 +158,9 @@ def encode_weight(weight: torch.Tensor, repeat: int | None = None) -> PairEncodi
     check_weight(weight)
     if repeat is None:
         repeat = weight_repeat(weight, quantize=False)
-    check_repeat(repeat)
-    w = to_blocks(weight.detach().cpu()).t().contiguous()
-    partner, fit = _partners(w, repeat)
-    if not bool(fit.all()):
-        raise FormatError(f"cannot encode: {explain_violation(weight, repeat, quantize=False)}")
-    rows = torch.arange(8).unsqueeze(1)
-    paired = (w != 0) & (w.gather(0, partner) != 0) & (partner != rows)
-    shape = weight.shape
-    index = torch.full((8, w.shape[1]), -1, dtype=torch.int64)
-    sign = torch.zeros((8, w.shape[1]), dtype=torch.int8)
-    r, b = paired.nonzero(as_tuple=True)
-    if r.numel():
-        # block b, row r is input channel 8*(b % blocks_per_vector) + r of vector b // that,
-        # and a channel step is ``stride`` flat positions in the [O, I, kh, kw] weight
-        per_vector = padded_channels(shape[1]) // BLOCK
-        vector, channel = b // per_vector, (b % per_vector) * BLOCK + r
-        stride = math.prod(shape[2:])
-        o, spatial = vector // stride, vector % stride
-        flat = (o * shape[1] + channel) * stride + spatial
-        pr = partner[r, b]
-        index[r, b] = flat + (pr - r) * stride
-        sign[r, b] = torch.where((w[r, b] < 0) == (w[pr, b] < 0), 1, -1).to(torch.int8)
-    return PairEncoding(
-        repeat=repeat,
-        mask=(weight != 0).detach().clone(),
-        pair_index=from_blocks(index.t(), shape).to(weight.device),
-        pair_sign=from_blocks(sign.t(), shape).to(weight.device),
-    )
+    mask, offset, opposite = structured_offsets(weight, repeat)
+    index, sign = offsets_to_pairs(offset, opposite)
+    return PairEncoding(repeat=repeat, mask=mask, pair_index=index, pair_sign=sign)
 
 
 @torch.no_grad()

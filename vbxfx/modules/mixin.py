@@ -42,7 +42,6 @@ by vbxfx 0.1.0 (``mask``/``pair_index``/``pair_sign`` and a dict ``_extra_state`
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import numbers
@@ -52,9 +51,10 @@ import torch
 from torch import nn
 
 from vbxfx.errors import ConfigError, FormatError
-from vbxfx.format import (PairEncoding, encode_unstructured, encode_weight, pattern_coefficients,
+from vbxfx.format import (PairEncoding, encode_unstructured, pattern_coefficients,
                           project_unstructured, project_weight, weight_repeat)
-from vbxfx.modules.pattern_code import pack_pattern, unpack_pattern
+from vbxfx.format.encoding import offsets_to_pairs, structured_offsets
+from vbxfx.modules.pattern_code import pack_offsets, pattern_offsets, unpack_pattern
 from vbxfx.modules.state import LayerStateMixin
 
 __all__ = ["CompressedMixin", "DEFAULT_REFRESH_EVERY", "FORMATS"]
@@ -93,10 +93,10 @@ class _PatternProjection(torch.autograd.Function):
 
 
 def _project(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    partner = w.reshape(-1).index_select(0, idx).view(w.shape)
-    # a, b are in {0, 1/2, 1} and {0, +-1/2}: both products are exact, so the two weights
-    # of a pair get bit-identical magnitudes (the sum is the same one, up to sign).
-    return torch.addcmul(a * w, b, partner)
+    flat = w.reshape(-1)
+    out = flat.index_select(0, idx)
+    out.mul_(b.reshape(-1)).addcmul_(a.reshape(-1), flat)
+    return out.view(w.shape)
 
 
 def check_config(weight: torch.Tensor, fmt: Any, repeat: Any, compression: Any, pairing: Any,
@@ -280,38 +280,51 @@ class CompressedMixin(LayerStateMixin):
         return f"{type(self).__name__} {self._vbx_name!r}" if self._vbx_name \
             else type(self).__name__
 
-    def _vbx_optimal_pattern(self) -> PairEncoding:
+    def _vbx_optimal_pattern(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The optimal pattern of the current dense weight as ``(mask, offset, opposite)``
+        (:func:`~vbxfx.format.encoding.structured_offsets`)."""
         w = self.weight.detach().to("cpu", torch.float32)
         try:
             if int(self.vbx_repeat) == 0:
                 enc = encode_unstructured(project_unstructured(w, self._vbx_compression,
                                                                pairing=self._vbx_pairing))
+                mask, offset, opposite = pattern_offsets(enc.mask, enc.pair_index, enc.pair_sign)
             else:
                 repeat = int(self.vbx_repeat)
-                enc = encode_weight(project_weight(w, repeat, pairing=self._vbx_pairing), repeat)
+                mask, offset, opposite = structured_offsets(
+                    project_weight(w, repeat, pairing=self._vbx_pairing), repeat)
         except FormatError as e:
             raise FormatError(f"{self._vbx_label()}: {e}") from e
         if not self._vbx_pairing:  # plain magnitude masks: no ties between kept weights
-            enc = dataclasses.replace(enc, pair_index=torch.full_like(enc.pair_index, -1),
-                                      pair_sign=torch.zeros_like(enc.pair_sign))
-        return enc
+            offset, opposite = torch.zeros_like(offset), torch.zeros_like(opposite)
+        return mask, offset, opposite
 
     @torch.no_grad()
-    def _vbx_set_pattern(self, enc: PairEncoding) -> None:
-        # New tensors, never in-place writes: a graph still waiting for its backward keeps
-        # the coefficients it was built with.
+    def _vbx_set_pattern(self, pattern: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Adopt ``(mask, offset, opposite)`` from the encoder (trusted: no symmetry checks).
+
+        New tensors, never in-place writes: a graph still waiting for its backward keeps the
+        coefficients it was built with."""
         dev = self.weight.device
-        mask, index, sign = (enc.mask.to(dev, torch.bool), enc.pair_index.to(dev, torch.int64),
-                             enc.pair_sign.to(dev, torch.int8))
+        mask, offset, opposite = (t.to(dev) for t in pattern)
         try:
-            code = pack_pattern(mask, index, sign, self.fmt)
+            code = pack_offsets(mask, offset, opposite, self.fmt)
         except FormatError as e:
             raise FormatError(f"{self._vbx_label()}: {e}") from e
         self._vbx_put("vbx_pattern", code, persistent=True)
-        self._vbx_put("mask", mask)
+        index, sign = offsets_to_pairs(offset, opposite)
+        self._vbx_put("mask", mask.to(torch.bool))
         self._vbx_put("pair_index", index)
         self._vbx_put("pair_sign", sign)
-        self._vbx_rebuild_coefficients()
+        paired = offset != 0
+        dtype = self.weight.dtype
+        self._vbx_put("vbx_coef_a", mask.to(dtype) * (1 - 0.5 * paired.to(dtype)))
+        self._vbx_put("vbx_coef_b", paired.to(dtype) * (0.5 - opposite.to(dtype)))
+        n = mask.numel()
+        pos = torch.arange(n, device=dev, dtype=torch.int32 if n < 2 ** 31 else torch.int64)
+        self._vbx_put("vbx_gather_index", torch.where(paired.reshape(-1), index.reshape(-1).to(
+            pos.dtype), pos))
+        self._vbx_paired = bool(paired.any())
         self._vbx_pattern_version = getattr(self, "_vbx_pattern_version", 0) + 1
 
     def _vbx_put(self, name: str, value: torch.Tensor, persistent: bool = False) -> None:

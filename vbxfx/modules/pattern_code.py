@@ -42,7 +42,7 @@ import torch
 
 from vbxfx.errors import FormatError
 
-__all__ = ["pack_pattern", "unpack_pattern", "code_layout"]
+__all__ = ["pack_pattern", "pack_offsets", "pattern_offsets", "unpack_pattern", "code_layout"]
 
 _NIBBLE_REACH = 3   # structured format: a partner is at most 3 input channels away
 
@@ -70,6 +70,20 @@ def pack_pattern(mask: torch.Tensor, pair_index: torch.Tensor, pair_sign: torch.
         FormatError: a pair that leaves its input-channel vector, a paired weight that is
             masked out, or (structured format) a partner more than 3 channels away.
     """
+    kept, offset, opposite = pattern_offsets(mask, pair_index, pair_sign)
+    return pack_offsets(kept, offset, opposite, fmt)
+
+
+def pattern_offsets(mask: torch.Tensor, pair_index: torch.Tensor,
+                    pair_sign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mask, offset, opposite)``, the compact form of a pattern, from flat pair indices:
+    ``offset`` input channels to each weight's partner (0: none), ``opposite`` where the
+    pair's signs differ. All three have the mask's shape.
+
+    Raises:
+        FormatError: a pair that leaves its input-channel vector or a paired weight that is
+            masked out.
+    """
     shape = tuple(mask.shape)
     n = mask.numel()
     stride = _channel_stride(shape)
@@ -85,18 +99,38 @@ def pack_pattern(mask: torch.Tensor, pair_index: torch.Tensor, pair_sign: torch.
         first = int(bad.nonzero()[0, 0])
         raise FormatError(f"weight {first} is paired with weight {int(index[first])}, which is not "
                           "another kept weight of its input-channel vector")
-    offset = delta // stride
-    opposite = (pair_sign.reshape(-1) < 0).to(torch.int64)
-    code = torch.where(paired, torch.sign(offset) * (2 * offset.abs() + opposite),
-                       kept.to(torch.int64))
-    dtype, length = code_layout(shape, fmt)
+    return (kept.view(shape), (delta // stride).view(shape),
+            (paired & (pair_sign.reshape(-1) < 0)).view(shape))
+
+
+def pack_offsets(mask: torch.Tensor, offset: torch.Tensor, opposite: torch.Tensor,
+                 fmt: str) -> torch.Tensor:
+    """The code buffer from a pattern's compact form (see
+    :func:`vbxfx.format.encoding.structured_offsets`): ``offset`` input channels to each
+    weight's partner (0: none) and whether the pair's signs differ. No consistency checks
+    beyond the reach of an offset: give it what an encoder produced (:func:`pack_pattern`
+    validates arbitrary pair indices first).
+
+    Raises:
+        FormatError: (structured format) a partner more than 3 channels away.
+    """
+    shape = tuple(mask.shape)
+    offset = offset.reshape(-1)
+    dtype, _ = code_layout(shape, fmt)
+    if fmt == "comp" and offset.numel():
+        reach = int(offset.abs().max())
+        if reach > _NIBBLE_REACH:
+            raise FormatError(f"a structured-format partner lies {reach} channels away; the "
+                              f"format keeps partners within {_NIBBLE_REACH}")
+    small = torch.int8 if fmt == "comp" else torch.int64
+    offset = offset.to(small)
+    code = torch.where(offset != 0,
+                       torch.sign(offset) * (2 * offset.abs() + opposite.reshape(-1).to(small)),
+                       mask.reshape(-1).to(small))
     if fmt != "comp":
         return code.to(dtype)
-    if n and int(offset.abs().max()) > _NIBBLE_REACH:
-        raise FormatError(f"a structured-format partner lies {int(offset.abs().max())} channels "
-                          f"away; the format keeps partners within {_NIBBLE_REACH}")
     nibbles = (code & 0xF).to(torch.uint8)
-    if n % 2:
+    if nibbles.numel() % 2:
         nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
     pairs = nibbles.view(-1, 2)
     return (pairs[:, 0] | (pairs[:, 1] << 4)).to(dtype)
