@@ -3,6 +3,7 @@ each must finish and print its table with finite numbers."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -36,15 +37,17 @@ def test_bench_format_tiny():
     assert all(math.isfinite(float(r[-3])) and float(r[-3]) > 0 for r in rows)  # best s
 
 
-def test_bench_finetune_tiny():
+def test_bench_finetune_tiny(tmp_path):
     pytest.importorskip("torchvision")
-    out = _run("bench_finetune.py", "--batch", "2", "--size", "64", "--rounds", "1",
-               "--steps", "1", "--refreshes", "1", "--threads", "1")
-    ratios = {m.group(1): float(m.group(2))
-              for m in re.finditer(r"^(dense|vbxfx)\s.*\s([\d.]+)x$", out, re.M)}
-    assert set(ratios) == {"dense", "vbxfx"}, out
-    assert ratios["dense"] == 1.0 and ratios["vbxfx"] > 0
-    assert "one refresh of all layers" in out
+    out = _run("bench_finetune.py", "--configs", "2x64", "4x32", "--rounds", "1",
+               "--refreshes", "1", "--threads", "1", "--json", str(tmp_path / "rows.json"))
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["batch"], r["size"]) for r in rows] == [(2, 64), (4, 32)], out
+    for r in rows:
+        assert r["ratio"] > 0 and r["ratio_refresh"] > r["ratio"]   # a refresh costs time
+        assert r["ratio"] == pytest.approx(r["compressed_s"] / r["dense_s"])
+        assert math.isfinite(r["projection_ms"]) and r["projection_ms"] > 0
+    assert "| resnet18 | 2 | 64 |" in out
 
 
 def test_bench_payloads_tiny():

@@ -1,21 +1,28 @@
-"""Training-step time of a compressed vs the dense torchvision resnet18 (CPU), and refresh cost.
+"""Training-step time of a compressed model against the dense one, over batch sizes (CPU).
 
-A step is forward + backward + SGD step (momentum 0.9) on one batch. The compressed model
-comes from ``vbxfx.compress_vbx3(model, 0.66)``; its patterns are fixed while timing
-(``refresh_every=None``), so the table shows the cost between refreshes; one refresh of
-every layer (``vbxfx.modules.refresh_patterns``) is timed separately. Dense and compressed
-steps alternate round by round, so load from other processes hits both alike; the ratio
-is of the medians. The projections' own forward + backward time is printed too, a number
-that load disturbs less than whole steps.
+A step is forward, loss, backward and SGD step (momentum 0.9) on one batch; for yolov8n also
+ultralytics' ``ModelEMA`` update and, for the compressed model, the EMA taking over its
+patterns (``follow_patterns``), as the trainer does. The compressed model comes from
+``vbxfx.compress(model, x, compression=0.66, refresh_every=None)``: patterns fixed while
+timing, so ``ratio`` is the cost between refreshes. Dense and compressed steps alternate
+(ABAB...), so load from other processes hits both alike; ratios are of medians. Then:
 
-    .venv/bin/python tools/bench_finetune.py [--batch 16] [--size 224] [--rounds 5]
+* ``+ refresh``: the ratio with one refresh of every layer per ``refresh_every`` steps (the
+  default policy, 100), from the median time of a refresh (``vbxfx.modules.refresh_patterns``);
+* ``projection``: the projections' own forward + backward (all layers), the fixed cost per step.
+
+    OMP_NUM_THREADS=2 python tools/bench_finetune.py --model resnet18 --configs 8x128 32x64 16x224
+    YOLO_OFFLINE=1 OMP_NUM_THREADS=2 python tools/bench_finetune.py --model yolov8n --configs 8x320
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,77 +30,147 @@ import torch.nn.functional as F
 import vbxfx
 from vbxfx.modules import DEFAULT_REFRESH_EVERY, compressed_modules, refresh_patterns
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from markdown_table import print_rows  # noqa: E402
 
-def _step(model, opt, x, y):
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
+MODELS = ("resnet18", "yolov8n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
-    parser.add_argument("--steps", type=int, default=2, help="steps per model per round")
-    parser.add_argument("--refreshes", type=int, default=5)
-    parser.add_argument("--compression", type=float, default=0.66)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    args = parser.parse_args()
-    torchvision = __import__("torchvision")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def _flat(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out
+    return [t for o in items for t in _flat(o)]
+
+
+def build(name: str, size: int, compression: float) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The dense model and its compressed copy (patterns fixed), both in training mode."""
     torch.manual_seed(0)
-    dense = torchvision.models.resnet18().train()
-    comp = torchvision.models.resnet18().train()
-    comp.load_state_dict(dense.state_dict())
-    t0 = time.perf_counter()
-    report = vbxfx.compress_vbx3(comp, args.compression, refresh_every=None)
-    t_compress = time.perf_counter() - t0
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    y = torch.randint(0, 1000, (args.batch,))
-    models = {"dense": dense, "vbxfx": comp}
-    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in models.items()}
-    for k, m in models.items():  # warm-up
-        _step(m, opts[k], x, y)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(args.rounds):
-        for k, m in models.items():
-            for _ in range(args.steps):
-                t = time.perf_counter()
-                _step(m, opts[k], x, y)
-                times[k].append(time.perf_counter() - t)
-    layers = [layer for _, layer in compressed_modules(comp)]
+    if name == "resnet18":
+        dense = __import__("torchvision").models.resnet18()
+    else:
+        from ultralytics.nn.tasks import DetectionModel
+        dense = DetectionModel(f"{name}.yaml", nc=2, verbose=False)
+    comp = vbxfx.compress(dense, torch.zeros(1, 3, size, size), compression=compression,
+                          refresh_every=None).model
+    return dense.train(), comp.train()
+
+
+def stepper(model: torch.nn.Module, x: torch.Tensor, yolo: bool):
+    """One training step of ``model`` on ``x`` (a closure; returns its time in seconds)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    y = torch.randint(0, 1000, (x.shape[0],))
+    ema = seen = None
+    if yolo:
+        from ultralytics.utils.torch_utils import ModelEMA
+
+        from vbxfx.integrations.ultralytics import follow_patterns
+        ema, seen = ModelEMA(model), {}
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        out = model(x)
+        loss = sum(t.float().square().mean() for t in _flat(out)) if yolo \
+            else F.cross_entropy(out, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
+            if any(True for _ in compressed_modules(model)):
+                follow_patterns(model, ema.ema, seen)
+        return time.perf_counter() - t0
+
+    return step
+
+
+def interleaved(steps: list, rounds: int) -> list[float]:
+    """Median step time of each closure, run turn about; the first round warms up."""
+    times: list[list[float]] = [[] for _ in steps]
+    for r in range(rounds + 1):
+        for k, step in enumerate(steps):
+            t = step()
+            if r:
+                times[k].append(t)
+    return [statistics.median(t) for t in times]
+
+
+def projection_time(model: torch.nn.Module, runs: int) -> float:
+    """Median seconds of every layer's projection, forward and backward."""
+    layers = [layer for _, layer in compressed_modules(model)]
     ones = [torch.ones_like(layer.weight) for layer in layers]
-    projection = []
-    for _ in range(args.rounds):  # the compressed model's only extra work between refreshes
+    times = []
+    for _ in range(runs):
         t = time.perf_counter()
         torch.autograd.backward([layer.compressed_weight() for layer in layers], ones)
-        projection.append(time.perf_counter() - t)
-    refresh = []
-    for _ in range(args.refreshes):
-        t = time.perf_counter()
-        refresh_patterns(comp)
-        refresh.append(time.perf_counter() - t)
+        times.append(time.perf_counter() - t)
+    for layer in layers:
+        layer.weight.grad = None
+    return statistics.median(times)
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"resnet18, batch {args.batch}, {args.size}x{args.size}, CPU, {torch.get_num_threads()} "
-          f"threads, torch {torch.__version__}; compress_vbx3({args.compression}) took "
-          f"{t_compress:.1f} s, {len(list(compressed_modules(comp)))} layers, "
-          f"{report['weights_removed']:.3f} of the weights removed")
-    print(f"{'model':<8} {'median s/step':>14} {'min':>8} {'max':>8} {'steps':>6} {'ratio':>7}")
-    for k in models:
-        v = times[k]
-        print(f"{k:<8} {med[k]:>14.3f} {min(v):>8.3f} {max(v):>8.3f} {len(v):>6} "
-              f"{med[k] / med['dense']:>6.3f}x")
-    p = statistics.median(projection)
-    print(f"weight projections alone (forward + backward, all layers): median {1e3 * p:.0f} ms "
-          f"= {100 * p / med['dense']:.1f}% of a dense step")
-    r = statistics.median(refresh)
-    print(f"one refresh of all layers: median {r:.2f} s (min {min(refresh):.2f}, "
-          f"{len(refresh)} runs) = {r / med['dense']:.1f} dense steps; at the default "
-          f"refresh_every={DEFAULT_REFRESH_EVERY} that adds "
-          f"{100 * r / (DEFAULT_REFRESH_EVERY * med['vbxfx']):.1f}% per step on average")
+
+def refresh_time(model: torch.nn.Module, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        refresh_patterns(model)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _config(text: str) -> tuple[int, int]:
+    try:
+        batch, size = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give BATCHxSIZE, e.g. 8x128") from None
+    return batch, size
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODELS, default="resnet18")
+    parser.add_argument("--configs", type=_config, nargs="+", default=[(8, 128), (32, 64)],
+                        metavar="BATCHxSIZE")
+    parser.add_argument("--rounds", type=int, default=10, help="turn-about rounds per config")
+    parser.add_argument("--refreshes", type=int, default=3)
+    parser.add_argument("--compression", type=float, default=0.66)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    yolo = args.model != "resnet18"
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    dense, comp = build(args.model, args.configs[0][1], args.compression)
+    t_build = time.perf_counter() - t0
+    layers = [layer for _, layer in compressed_modules(comp)]
+    weights = sum(layer.weight.numel() for layer in layers)
+    refresh = refresh_time(comp, args.refreshes)
+    projection = projection_time(comp, 5)
+    rows = []
+    for batch, size in args.configs:
+        x = torch.randn(batch, 3, size, size)
+        t_dense, t_comp = interleaved([stepper(dense, x, yolo), stepper(comp, x, yolo)],
+                                      args.rounds)
+        amortized = t_comp + refresh / DEFAULT_REFRESH_EVERY
+        rows.append({"model": args.model, "batch": batch, "size": size, "dense_s": t_dense,
+                     "compressed_s": t_comp, "ratio": t_comp / t_dense,
+                     "ratio_refresh": amortized / t_dense, "projection_ms": 1e3 * projection,
+                     "refresh_s": refresh})
+    title = (f"{args.model}, compress({args.compression}) in {t_build:.1f} s: {len(layers)} "
+             f"layers, {weights:,} weights; CPU, {torch.get_num_threads()} threads, torch "
+             f"{torch.__version__}, {args.rounds} rounds; load average {load:.2f} -> "
+             f"{os.getloadavg()[0]:.2f}. projection = forward + backward of every layer's "
+             f"projection; + refresh = one refresh of all layers ({refresh:.2f} s) every "
+             f"{DEFAULT_REFRESH_EVERY} steps")
+    print_rows(title, "| model | batch | size | dense s/step | compressed s/step | ratio "
+                      "| + refresh | projection ms |", rows,
+               lambda r: (f"| {r['model']} | {r['batch']} | {r['size']} | {r['dense_s']:.3f} | "
+                          f"{r['compressed_s']:.3f} | {r['ratio']:.3f}x | "
+                          f"{r['ratio_refresh']:.3f}x | {r['projection_ms']:.0f} |"),
+               args.json)
+    return rows
 
 
 if __name__ == "__main__":

@@ -88,50 +88,19 @@ def _copy_times(best: Path, repeat: int = 3) -> dict:
 
 
 def _interleaved_steps(args: argparse.Namespace, rounds: int) -> tuple[float, float]:
-    """Median seconds of one training step of the dense and the compressed yolov8n, the two
+    """Median seconds of one training step of the dense and the compressed model, the two
     run turn about (ABAB...) so that load from other jobs hits both alike: forward, a loss
     over every output, backward, SGD step, ultralytics' ModelEMA update, and for the
-    compressed model the EMA following its patterns, as the trainer does."""
+    compressed model the EMA following its patterns, as the trainer does
+    (``tools/bench_finetune.py``'s steps)."""
     import torch
-    from ultralytics.nn.tasks import DetectionModel
-    from ultralytics.utils.torch_utils import ModelEMA
+    from bench_finetune import build, interleaved, stepper
 
-    import vbxfx
-    from vbxfx.integrations.ultralytics import follow_patterns
-
-    torch.manual_seed(0)
-    dense = DetectionModel(args.model, nc=2, verbose=False)
-    comp = vbxfx.compress(dense, torch.zeros(1, 3, args.imgsz, args.imgsz),
-                          compression=args.compression).model
+    dense, comp = build(Path(args.model).stem, args.imgsz, args.compression)
     x = torch.randn(args.batch, 3, args.imgsz, args.imgsz)
-    runs = []
-    for model in (dense, comp):
-        model.train()
-        runs.append((model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9),
-                     ModelEMA(model), {}))
-
-    def flat(out):
-        if isinstance(out, torch.Tensor):
-            return [out]
-        items = out.values() if isinstance(out, dict) else out
-        return [t for o in items for t in flat(o)]
-
-    def step(model, opt, ema, seen):
-        t0 = time.perf_counter()
-        sum(t.float().square().mean() for t in flat(model(x))).backward()
-        opt.step()
-        opt.zero_grad()
-        ema.update(model)
-        follow_patterns(model, ema.ema, seen)
-        return time.perf_counter() - t0
-
-    times: list[list[float]] = [[], []]
-    for r in range(rounds + 1):
-        for k, run in enumerate(runs):
-            t = step(*run)
-            if r:                               # the first round warms up
-                times[k].append(t)
-    return statistics.median(times[0]), statistics.median(times[1])
+    t_dense, t_comp = interleaved([stepper(dense, x, yolo=True), stepper(comp, x, yolo=True)],
+                                  rounds)
+    return t_dense, t_comp
 
 
 def main(argv: list[str] | None = None) -> dict:
