@@ -17,7 +17,8 @@ reads its weight. Conv/Linear modules the forward never calls are listed too, de
 reason (a parent such as ``nn.MultiheadAttention`` reads the weight itself, a function such as
 torchvision's ``shifted_window_attention`` gets it as an argument, an unused auxiliary head).
 Layers whose weight does not train (``requires_grad=False``, like ultralytics' fixed DFL conv)
-stay dense as "frozen" unless ``include_frozen=True``.
+stay dense as "frozen" unless ``include_frozen=True``; so does ultralytics' DFL convolution,
+a fixed decoding step, even in a model frozen as a whole (one loaded for inference).
 
 Every other node runs inside a :class:`vbxfx.op_macs.MacCounter`: its matrix products and
 attention kernels become :class:`vbxfx.layers.OpInfo` records in the table, dense cost that
@@ -60,6 +61,8 @@ logger = logging.getLogger(__name__)
 #: ``gm.meta`` key of the LayerTable the last AnalyzeLayers run produced.
 TABLE_KEY = "vbxfx.layer_table"
 #: The reason of a layer left dense because its weight does not train.
+DECODER_REASON = ("a fixed decoding step (ultralytics' DFL: weights 0..15, never trained); "
+                  "include_frozen=True compresses it")
 FROZEN_REASON = ("frozen (weight.requires_grad=False); include_frozen=True compresses it")
 
 class AnalyzeLayers(GraphPass):
@@ -211,6 +214,9 @@ class AnalyzeLayers(GraphPass):
             layers[name] = uncalled_info(name, mod, reason)
 
     def _mark_frozen(self, layers: dict[str, LayerInfo], root: nn.Module) -> None:
+        if not self.include_frozen:
+            for name in fixed_decoders(root, [n for n, info in layers.items() if info.eligible]):
+                layers[name] = ineligible(layers[name], DECODER_REASON)
         frozen = []
         candidates = 0
         for name, layer in layers.items():
@@ -229,6 +235,18 @@ class AnalyzeLayers(GraphPass):
         for name in frozen:
             layers[name] = ineligible(layers[name], FROZEN_REASON)
         logger.info("%d frozen layer(s) stay dense: %s", len(frozen), ", ".join(frozen[:5]))
+
+
+def fixed_decoders(root: nn.Module, names: list[str]) -> list[str]:
+    """Those of ``names`` that decode rather than learn: the convolution of ultralytics' DFL
+    (its weights are the bin indices 0..15, never trained), frozen or not: a model loaded
+    for inference is frozen as a whole, where frozen-ness does not tell it apart."""
+    found = []
+    for name in names:
+        parent = name.rpartition(".")[0]
+        if parent and type(root.get_submodule(parent)).__name__ == "DFL":
+            found.append(name)
+    return found
 
 
 def layer_table(gm: torch.fx.GraphModule) -> LayerTable:

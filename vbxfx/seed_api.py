@@ -57,7 +57,7 @@ from vbxfx.model_state import require_real_tensors
 from vbxfx.modules import DEFAULT_REFRESH_EVERY
 from vbxfx.allocation.overrides import describe, merged_overrides
 from vbxfx.passes.allocate import allocate
-from vbxfx.passes.analyze_layers import FROZEN_REASON
+from vbxfx.passes.analyze_layers import DECODER_REASON, FROZEN_REASON, fixed_decoders
 from vbxfx.passes.rewrite import normalize_plan, rewrite_modules
 from vbxfx.analysis.weight_use import called_layers, direct_weight_readers
 
@@ -155,6 +155,9 @@ def _check_by_running(model: nn.Module, table: LayerTable, example_inputs: Any) 
 
 
 def _frozen_dense(model: nn.Module, table: LayerTable) -> LayerTable:
+    decoders = set(fixed_decoders(model, [layer.name for layer in table.eligible()]))
+    table = LayerTable(dataclasses.replace(layer, eligible=False, reason=DECODER_REASON)
+                       if layer.name in decoders else layer for layer in table)
     eligible = table.eligible()
     frozen = {layer.name for layer in eligible
               if not model.get_submodule(layer.name).weight.requires_grad}
