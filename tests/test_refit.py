@@ -180,25 +180,64 @@ def test_sequential_run_handles_views_reports_progress_and_refits_depthwise():
                    - dense(x)).square().mean())
 
 
-class _Branchy(nn.Module):
-    """Data-dependent control flow: does not trace symbolically."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(16, 8)
+class _BranchyChain(_Chain):
+    """The chain behind data-dependent control flow: does not trace symbolically."""
 
     def forward(self, x):
         if x.sum() > 1e9:
             return x[:, :8]
-        return self.fc(x)
+        return super().forward(x)
 
 
-def test_untraceable_model_falls_back_to_the_local_refit():
-    dense = _Branchy().eval()
+def test_untraceable_model_gets_the_sequential_refit_by_hooks():
+    """The hooks give each layer the problem the graph walk gives it: same refit weights."""
+    dense, graph_model = _chain_at_1_of_4()
+    branchy = _BranchyChain()
+    branchy.load_state_dict(dense.state_dict())
+    hooked = copy.deepcopy(branchy)
+    hooked.a, hooked.b = copy.deepcopy(graph_model.a), copy.deepcopy(graph_model.b)
+    x = torch.randn(600, 16)
+    batches = list(x.split(200))
+    calls = []
+    by_graph = vbxfx.reconstruct(graph_model, dense, batches, pattern="keep", iters=300,
+                                 damp=0.0)
+    by_hooks = vbxfx.reconstruct(hooked, branchy, batches, pattern="keep", iters=300, damp=0.0,
+                                 progress=lambda *a: calls.append(a))
+    assert by_graph.method == by_hooks.method == "sequential"
+    assert [r.name for r in by_hooks.layers] == ["a", "b"] and calls == [(1, 2, "a"),
+                                                                        (2, 2, "b")]
+    assert by_hooks.forwards == 2 * len(batches)
+    for name in ("a", "b"):
+        torch.testing.assert_close(hooked.get_submodule(name).compressed_weight(),
+                                   graph_model.get_submodule(name).compressed_weight(),
+                                   rtol=1e-4, atol=1e-5)
+        assert by_hooks.layers[0].error_after < by_hooks.layers[0].error_before
+    with torch.no_grad():   # b fit to what the refit a gives it, not to the dense a's output
+        h_c = torch.relu(hooked.a(x)).double().numpy()
+        target = dense(x).double().numpy()
+    np.testing.assert_allclose(hooked.b.compressed_weight().detach().double().numpy(),
+                               _lstsq_in_pattern(hooked.b, h_c, target), rtol=1e-3, atol=1e-4)
+
+
+class _FailsAfterA(_BranchyChain):
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if x.shape[0] == 7:
+            raise ValueError("this model takes no batch of 7")
+        return self.b(h)
+
+
+def test_refit_by_hooks_failing_midway_leaves_the_model_unchanged():
+    dense = _FailsAfterA()
     model = copy.deepcopy(dense)
-    model.fc = VBXLinear.from_dense(model.fc, repeat=2)
-    res = vbxfx.reconstruct(model, dense, torch.randn(64, 16))
-    assert res.method == "local" and res.layers[0].error_after < res.layers[0].error_before
+    model.a = VBXLinear.from_dense(model.a, repeat=1)
+    model.b = VBXLinear.from_dense(model.b, repeat=1)
+    state = copy.deepcopy(model.state_dict())
+    # the second batch runs through a (refit already), then fails before b
+    with pytest.raises(ConfigError, match="calibration batch 1 failed.*batch of 7"):
+        vbxfx.reconstruct(model, dense, [torch.randn(8, 16), torch.randn(7, 16)])
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k])
 
 
 def test_a_batch_failing_midway_leaves_the_model_unchanged():

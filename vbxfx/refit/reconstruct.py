@@ -16,9 +16,11 @@ weight stays in its format, so it keeps fitting its repeat after int8 quantizati
 ``dense_layers=True`` also refits the depthwise convolutions (which the hardware keeps
 dense) without constraint; measured no better, so it is off.
 
+Models that do not trace symbolically (torch.export models such as ultralytics YOLO) get
+the same sequential refit by hooks (:mod:`vbxfx.refit.hooks`: partial forwards, layer by
+layer in execution order; about one forward per layer and batch instead of one per batch).
 ``method="local"`` refits every layer on the dense model's inputs from one forward with
-hooks (the refit of earlier versions); models that do not trace symbolically (torch.export
-models such as ultralytics YOLO) get it as well.
+hooks (the refit of earlier versions).
 
 MobileNetV2 (ImageNet weights, 128 calibration crops, 512 evaluation crops,
 ``tools/bench_quality.py``): top-1 agreement with the dense model at 0.5 / 0.66 / 0.75 of
@@ -48,6 +50,7 @@ from torch import nn
 from vbxfx.errors import ConfigError
 from vbxfx.modules import is_compressed
 from vbxfx.refit.layer import PATTERNS, LayerRefit, refit_compressed, refit_dense, weight_and_bias
+from vbxfx.refit.hooks import refit_by_hooks
 from vbxfx.refit.local import local_problems
 from vbxfx.refit.rows import Problem, input_rows, is_depthwise, output_rows, sample_positions
 from vbxfx.refit.sequential import run_side_by_side, trace_for_refit
@@ -130,8 +133,8 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *,
         reference: the dense model it was compressed from (not modified: a copy runs).
         calib_data: a Tensor batch, or an iterable of batches (Tensors, tuples of inputs, or
             ``(inputs, labels)`` pairs, as for the output sensitivity).
-        method: ``"sequential"`` (inputs from the compressed model, layer by layer; falls
-            back to ``"local"`` for a model that does not trace symbolically) or
+        method: ``"sequential"`` (inputs from the compressed model, layer by layer: along
+            the symbolic graph, or by hooks for a model that does not trace) or
             ``"local"`` (inputs from the dense model, one forward).
         pattern: ``"obs"`` (choose each pattern on the data) or ``"keep"`` (the
             projection's pattern).
@@ -199,6 +202,9 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *,
                  and _refittable(m) is None]
         return _sequential(graph, model, reference, batches, names, dense, priors, max_rows,
                            seed, seq_opts, progress)
+    if method == "sequential":
+        return _by_hooks(model, reference, batches, names, priors, max_rows, seed, seq_opts,
+                         progress)
     return _local(model, reference, batches, names, priors, max_rows, max_stats_bytes, seed,
                   opts, progress)
 
@@ -270,6 +276,33 @@ def _sequential(graph, model, reference, batches, names, dense, priors, max_rows
     missing = [n for n in names if n not in {r.name for r in result.layers}]
     for n in missing:
         logger.info("reconstruct: %s did not run on the calibration data", n)
+    logger.info("%s", result.summary())
+    return result
+
+
+def _by_hooks(model, reference, batches, names, priors, max_rows, seed, opts,
+              progress) -> ReconstructResult:
+    """The sequential refit of a model that does not trace symbolically (:mod:`.hooks`)."""
+    modules = dict(model.named_modules())
+    result = ReconstructResult(forwards=0, method="sequential")
+
+    def refit(name: str, p: Problem) -> None:
+        r = refit_compressed(name, modules[name], priors[name].to(p.h.device), p,
+                             pattern=opts["pattern"], iters=opts["iters"], damp=opts["damp"],
+                             variance_match=opts["variance_match"],
+                             zero_pruned=opts["zero_pruned"])
+        result.layers.append(r)
+        logger.debug("reconstruct: %s %.4f -> %.4f", name, r.error_before, r.error_after)
+
+    saved = {n: copy.deepcopy(modules[n].state_dict()) for n in names}
+    try:
+        done = refit_by_hooks(model, reference, batches, names, refit, max_rows,
+                              torch.Generator().manual_seed(seed), progress)
+    except BaseException:
+        for n, state in saved.items():       # a batch failed midway: undo it all
+            modules[n].load_state_dict(state)
+        raise
+    result.forwards = len(done) * len(batches)    # about one whole forward per layer and batch
     logger.info("%s", result.summary())
     return result
 
