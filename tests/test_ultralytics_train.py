@@ -326,8 +326,8 @@ def test_the_whole_yolo_path_to_the_int8_tflite(trained, tmp_path):
 def test_compress_a_yolo_model_with_its_training_images_as_calibration(yolo_env, tmp_path,
                                                                         capsys):
     """`vbxfx compress ultralytics:yolov8n.yaml --calib images/train`: YOLO does not trace
-    symbolically, so the refit falls back to the local one, says so, and still lowers the
-    layers' output error; the exported file checks."""
+    symbolically, so the sequential refit runs by hooks, and lowers the layers' output
+    error; the exported file checks."""
     from vbxfx.cli.main import main
 
     root, data = yolo_env
@@ -338,7 +338,43 @@ def test_compress_a_yolo_model_with_its_training_images_as_calibration(yolo_env,
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     refit = report["report"]["reconstruct"]
-    assert refit["method"] == "local" and refit["layers"] > 50
+    assert refit["method"] == "sequential" and refit["layers"] > 50
     before, after = refit["mean_output_error"]
     assert after < before
     assert out.exists()
+
+
+@pytest.mark.slow
+def test_trainer_refits_on_calib_training_images_before_the_first_epoch(yolo_env):
+    """``compressed_trainer(0.66, calib=8)``: the sequential refit (by hooks) on 8 training
+    images runs before the optimizer and the EMA exist, so both hold the refit weights and
+    the biases it gives every compressed layer."""
+    seen = {}
+
+    def before_training(trainer):
+        model = trainer.model
+        seen["weights"] = {n: (l.weight.detach().clone(), l.bias.detach().clone())
+                           for n, l in compressed_modules(model)}
+        seen["ema"] = {n: (l.weight.detach().clone(), l.bias.detach().clone())
+                       for n, l in compressed_modules(trainer.ema.ema)}
+        in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+        seen["biases_trained"] = all(id(l.bias) in in_optimizer
+                                     for _, l in compressed_modules(model))
+
+    from ultralytics import YOLO
+
+    root, data = yolo_env
+    y = YOLO("yolov8n.yaml")
+    y.add_callback("on_pretrain_routine_end", before_training)
+    y.train(data=str(data), project=str(root / "runs"), name="calib", **TRAIN,
+            trainer=vu.compressed_trainer(0.66, calib=8))
+    calib = y.trainer.vbx_report["calib"]
+    assert calib["images"] == 8 and calib["method"] == "sequential" and calib["layers"] > 50
+    assert calib["error_after"] < calib["error_before"]
+    assert seen["biases_trained"]
+    for n, (w, b) in seen["weights"].items():           # the EMA starts from the refit model
+        torch.testing.assert_close(seen["ema"][n][0], w)
+        torch.testing.assert_close(seen["ema"][n][1], b)
+    assert any(bool(b.abs().sum() > 0) for _, b in seen["weights"].values())
+    with pytest.raises(ConfigError, match="calib must be a number of training images"):
+        vu.compressed_trainer(0.66, calib=-1)

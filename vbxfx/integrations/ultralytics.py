@@ -34,7 +34,8 @@ From the command line (the ``yolo`` command takes no trainer class)::
 (or ``python -m vbxfx.integrations.ultralytics train ...``)
 
 takes the ``yolo train`` arguments plus ``compression``, ``budget``, ``fmt``, ``json_file``,
-``exclude`` (comma-separated globs) and ``include_frozen``.
+``exclude`` (comma-separated globs), ``include_frozen`` and ``calib`` (refit on that many
+training images before the first epoch).
 
 Multi-GPU DDP training (``device=0,1``): ultralytics pickles the trainer class (with its
 compression options) and the model for the workers it starts, so a model compressed in the
@@ -48,6 +49,7 @@ patterns again (logging any rank that drifted), and rank 0 saves, as ultralytics
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import logging
@@ -99,6 +101,7 @@ class CompressOptions:
     pairing: bool = True
     refresh_every: int | None = DEFAULT_REFRESH_EVERY
     include_frozen: bool = False
+    calib: int = 0
 
     def __post_init__(self) -> None:
         c = self.compression
@@ -113,6 +116,9 @@ class CompressOptions:
         for name in ("pairing", "include_frozen"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.calib, bool) or not isinstance(self.calib, int) or self.calib < 0:
+            raise ConfigError(f"calib must be a number of training images (0: no refit), got "
+                              f"{self.calib!r}")
         exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
         if not all(isinstance(e, str) for e in exclude):
             raise ConfigError(f"exclude must be layer names or globs, got {self.exclude!r}")
@@ -133,12 +139,16 @@ class _CompressingTrainer:
             else weights
         if _ddp_rank() > 0:               # rank 0's compression comes over in setup_model
             logger.debug("vbxfx: rank %d takes rank 0's compression", _ddp_rank())
+            if self.vbx_options.calib:
+                self._vbx_dense = copy.deepcopy(model)
         elif isinstance(source, nn.Module) and any(True for _ in compressed_modules(source)):
             kept = transfer_compression(source, model)
             logger.info("vbxfx: %d compressed layer(s) carried over from the loaded model",
                         len(kept))
             self.vbx_report = None
         else:
+            if self.vbx_options.calib:
+                self._vbx_dense = model           # vbxfx.compress returns a compressed copy
             model = self._vbx_compress(model)
         self.vbx_setup_seconds = time.perf_counter() - start
         return model
@@ -169,6 +179,15 @@ class _CompressingTrainer:
         ckpt = super().setup_model()
         if _ddp_rank() >= 0:              # every DDP worker, before the wrap and the EMA
             broadcast_compression(self.model)
+        dense, self._vbx_dense = getattr(self, "_vbx_dense", None), None
+        if dense is not None:             # calib=N on a freshly compressed model
+            from vbxfx.integrations.ultralytics_calib import refit_in_trainer
+
+            calib = refit_in_trainer(self, self.model, dense, self.vbx_options.calib)
+            if self.vbx_report is not None:
+                self.vbx_report["calib"] = calib
+            if _ddp_rank() >= 0:          # every rank refit; rank 0's patterns win
+                broadcast_compression(self.model)
         return ckpt
 
     def _setup_train(self) -> None:
@@ -276,7 +295,8 @@ def compressed_trainer(compression: float = 0.66, **options: Any) -> Callable[..
         options: ``budget`` ("macs" / "params"), ``fmt`` ("comp" / "ucomp"), ``json_file``
             (per-layer levels, a path or a mapping), ``exclude`` (names or globs kept dense),
             ``pairing``, ``refresh_every``, ``include_frozen`` (also compress the layers the
-            trainer freezes).
+            trainer freezes), ``calib`` (refit the compressed layers on this many training
+            images before the first epoch: :mod:`vbxfx.integrations.ultralytics_calib`).
 
     Raises:
         ConfigError: a bad option (raised here, before any training starts).
