@@ -12,6 +12,7 @@ need the impossible relative accuracy an element-wise test would ask of it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 from vbxfx.errors import CheckError
+from vbxfx.export.selections import (RecordSelections, match, outputs_after, selections,
+                                     with_selection_outputs)
 
 __all__ = ["OutputRow", "compare", "compare_arrays", "run_onnx", "run_torch", "runnable",
            "ORT_DTYPES"]
@@ -129,9 +132,10 @@ def run_onnx(session, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     return session.run(None, feed)
 
 
-def run_torch(model: torch.nn.Module, arrays: tuple) -> list[np.ndarray]:
+def run_torch(model: torch.nn.Module, arrays: tuple, record: Any = None) -> list[np.ndarray]:
     """The model's tensor outputs, flattened in pytree order (as the exporters flatten them).
-    Floating inputs are cast to the model's dtype (the file is float32 for every model)."""
+    Floating inputs are cast to the model's dtype (the file is float32 for every model).
+    ``record``: a ``TorchFunctionMode`` active while the model runs."""
     from torch.utils._pytree import tree_flatten
 
     from vbxfx.model_state import float_dtype
@@ -140,7 +144,7 @@ def run_torch(model: torch.nn.Module, arrays: tuple) -> list[np.ndarray]:
     dtype = float_dtype(model)
     tensors = [torch.from_numpy(np.array(a)) for a in arrays]
     tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
-    with preserved_state(model), torch.no_grad():
+    with preserved_state(model), torch.no_grad(), record or contextlib.nullcontext():
         out = model(*tensors)
     leaves, _ = tree_flatten(out)
     return [(t.float() if t.dtype == torch.bfloat16 else t).detach().cpu().numpy()
@@ -180,6 +184,9 @@ def compare(path: str, torch_model: torch.nn.Module | None, sets: list[tuple[str
         if torch.finfo(dtype).eps > torch.finfo(torch.float32).eps:
             feeds = [(label, _rounded(feed, dtype)) for label, feed in feeds]
     names = [o.name for o in session.get_outputs()]
+    chosen, after = [], set()
+    if torch_model is not None:
+        session, chosen, after = _selection_session(path, session, options, report)
     for label, feed in feeds:
         try:
             outs = run_onnx(session, feed)
@@ -188,17 +195,30 @@ def compare(path: str, torch_model: torch.nn.Module | None, sets: list[tuple[str
             continue
         if torch_model is None:
             continue
+        record = RecordSelections() if chosen else None
         try:
-            refs = run_torch(torch_model, tuple(feed.values()))
+            refs = run_torch(torch_model, tuple(feed.values()), record)
         except Exception as e:
             report.problems.append(f"the torch model fails on {label}: {type(e).__name__}: "
                                    f"{str(e).strip()[:300]}")
             continue
+        outs, extra = outs[:len(names)], outs[len(names):]
         if len(refs) != len(outs):
             report.problems.append(f"{label}: the torch model returns {len(refs)} tensor(s), the "
                                    f"ONNX model {len(outs)} output(s)")
             continue
-        for name, out, ref in zip(names, outs, refs):
+        pairs = [(n, o, r) for n, o, r in zip(names, outs, refs) if n not in after]
+        if chosen:
+            found = match(chosen, record.seen)
+            if found is None:
+                report.problems.append(
+                    f"{label}: the file's TopK/ArgMax/ArgMin nodes do not match the torch "
+                    f"model's topk/argmax/argmin calls; outputs {sorted(after)} not compared")
+                continue
+            values = dict(zip([s.tensor for s in chosen], extra))
+            pairs += [(f"{s.tensor} (input of {s.node})", values[s.tensor], ref)
+                      for s, ref in found if not s.after]
+        for name, out, ref in pairs:
             max_abs, max_rel, ok = compare_arrays(out, ref, report.rtol, report.atol)
             report.outputs.append(OutputRow(label, name, max_abs, max_rel, ok))
             if not ok:
@@ -207,3 +227,35 @@ def compare(path: str, torch_model: torch.nn.Module | None, sets: list[tuple[str
                           f"max abs error {max_abs:.3g}, max rel error {max_rel:.3g} > atol "
                           f"{report.atol:g} + rtol {report.rtol:g} * max|torch|")
                 report.problems.append(f"{label}: output {name!r} differs from torch: {detail}")
+
+
+def _selection_session(path: str, session, options, report):
+    """``(session, selections, outputs after them)``: for a file whose outputs come after
+    TopK/ArgMax/ArgMin, a session that also outputs the selections' inputs (see
+    :mod:`vbxfx.export.selections`); the plain session and nothing otherwise."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(path, load_external_data=False)
+    after = outputs_after(proto)
+    if not after:
+        return session, [], set()
+    chosen = selections(proto)
+    try:
+        proto = onnx.load(path)
+        extended = ort.InferenceSession(with_selection_outputs(proto, chosen), options,
+                                        providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - then the outputs after them go uncompared
+        report.problems.append(f"the inputs of the file's discrete selections cannot be "
+                               f"read out ({str(e).strip()[:200]}); outputs {after} not compared")
+        return session, [], set(after)
+    kinds = sorted({s.kind for s in chosen})
+    first = [s.node for s in chosen if not s.after]
+    report.notes.append(
+        f"outputs {after} come after a discrete selection ({', '.join(kinds)}: near-equal "
+        f"scores may pick differently in two runtimes, then whole values differ), so they are "
+        f"not compared element by element; compared instead: the input of "
+        f"{', '.join(first)}" + (f" ({len(chosen) - len(first)} later selection(s) take "
+                                 "inputs that come after one)" if len(first) < len(chosen)
+                                 else ""))
+    return extended, chosen, set(after)

@@ -1,0 +1,77 @@
+"""check_onnx on outputs after a discrete selection (TopK): the selections' inputs are
+compared instead, and the report says so (RT-DETR picks its queries this way)."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import vbxfx
+from vbxfx.export.selections import outputs_after, selections
+
+
+class _Picks(nn.Module):
+    """Scores every position, keeps the 5 best, returns their features and a mean score."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        f = self.conv(x).flatten(2).transpose(1, 2)                 # [B, HW, 16]
+        scores = self.head(f).max(-1).values                        # [B, HW]
+        idx = torch.topk(scores, 5, dim=1).indices                  # [B, 5]
+        picked = torch.gather(f, 1, idx.unsqueeze(-1).expand(-1, -1, f.shape[-1]))
+        best = torch.topk(picked.sum(-1), 3, dim=1).values          # a pick among the picks
+        return picked, scores.mean(1), best
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = _Picks().eval()
+    x = torch.randn(2, 8, 8, 8)
+    small = vbxfx.compress(model, x, compression=0.5).model.eval()
+    path = tmp_path_factory.mktemp("sel") / "picks.onnx"
+    vbxfx.export_onnx(small, x, path)
+    return small, x, str(path)
+
+
+def test_outputs_after_topk_are_found_in_the_graph(exported):
+    _, _, path = exported
+    proto = onnx.load(path)
+    found = selections(proto)
+    assert [(s.kind, s.after) for s in found] == [("topk", False), ("topk", True)]
+    first, second, third = (o.name for o in proto.graph.output)
+    assert outputs_after(proto) == [first, third]   # the mean score comes before the pick
+
+
+def test_check_compares_the_selection_input_and_says_so(exported):
+    small, x, path = exported
+    report = vbxfx.check_onnx(path, torch_model=small, example_inputs=x, n_random=2)
+    assert report.ok, str(report)
+    names = {r.output for r in report.outputs}
+    proto = onnx.load(path)
+    picked, mean, best = (o.name for o in proto.graph.output)
+    assert picked not in names and best not in names and mean in names
+    rows = [r for r in report.outputs if "(input of" in r.output]
+    assert len(rows) == 3 and all(r.ok for r in rows)   # the first pick: example + 2 random
+    assert len({r.output for r in rows}) == 1
+    assert any("after a discrete selection (topk:" in n for n in report.notes), report.notes
+
+
+def test_a_changed_score_fails_at_the_selection_input(exported):
+    small, x, path = exported
+    other = _Picks().eval()
+    other.load_state_dict({k: v for k, v in _Picks().state_dict().items()})
+    with torch.no_grad():
+        other.conv.weight.copy_(small.conv.compressed_weight())
+        other.conv.bias.copy_(small.conv.bias)
+        other.head.weight.copy_(small.head.compressed_weight() * 1.01)   # scores move
+        other.head.bias.copy_(small.head.bias)
+    report = vbxfx.check_onnx(path, torch_model=other, example_inputs=x, n_random=0)
+    assert not report.ok
+    assert any("(input of" in p for p in report.problems), report.problems
