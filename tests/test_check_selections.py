@@ -75,3 +75,25 @@ def test_a_changed_score_fails_at_the_selection_input(exported):
     report = vbxfx.check_onnx(path, torch_model=other, example_inputs=x, n_random=0)
     assert not report.ok
     assert any("(input of" in p for p in report.problems), report.problems
+
+
+@pytest.mark.slow
+def test_rtdetr_checks_at_its_query_selection(tmp_path, capsys):
+    """rtdetr-l picks its queries with topk: `vbxfx compress` checks the file it writes and
+    passes, comparing the scores the pick is made from (it failed before, dense too)."""
+    pytest.importorskip("ultralytics")
+    import json
+    import os
+
+    from vbxfx.cli.main import main
+
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    out = tmp_path / "rtdetr.onnx"
+    rc = main(["compress", "ultralytics:rtdetr-l.yaml", "--input-shape", "1,3,320,320",
+               "--compression", "0.66", "-o", str(out), "--json"])
+    printed = capsys.readouterr().out
+    report = json.loads(printed[printed.index("{"):])
+    check = report["check"]
+    assert rc == 0 and check["ok"], check["problems"]
+    assert any("after a discrete selection (topk" in n for n in check["notes"])
+    assert check["outputs"] and all("(input of" in o["output"] for o in check["outputs"])
