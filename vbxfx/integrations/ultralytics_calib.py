@@ -30,7 +30,8 @@ def calibration_images(trainer: Any, count: int) -> list[torch.Tensor]:
     """The first ``count`` training images as the model sees them, in batches on the
     trainer's device (the trainer's data loader in validation mode, then its
     ``preprocess_batch``)."""
-    batch_size = max(1, min(count, int(getattr(trainer.args, "batch", 16) or 16)))
+    batch = int(getattr(trainer.args, "batch", 16) or 16)
+    batch_size = min(count, batch if batch >= 1 else 16)     # batch=-1: ultralytics' autobatch
     loader = trainer.get_dataloader(trainer.data["train"], batch_size=batch_size, rank=-1,
                                     mode="val")
     batches, seen = [], 0
