@@ -79,3 +79,20 @@ def test_bench_yolo_int8_tiny(tmp_path):
     assert all(r["repeats_hold"] for r in rows), out      # every declared repeat in the file
     assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("map", "map50", "float_map")), out
     assert "| 0.50   | bias" in out
+
+
+def test_bench_yolo_refit_tiny(tmp_path):
+    """The YOLO refit benchmark at toy size: trained dense, compressed one-shot with each
+    refit, fine-tuned in the trainer with and without calib, validated by ultralytics."""
+    pytest.importorskip("ultralytics")
+    rows_file = tmp_path / "rows.json"
+    out = _run("bench_yolo_refit.py", "--images", "16", "--val", "8", "--imgsz", "64",
+               "--epochs", "1", "--compression", "0.5", "--calib", "8",
+               "--finetune-epochs", "1", "--threads", "1", "--json", str(rows_file))
+    rows = json.loads(rows_file.read_text())
+    assert [r["variant"] for r in rows] == [
+        "dense", "one-shot, none refit", "one-shot, local refit", "one-shot, sequential refit",
+        "1 epochs, calib=0", "1 epochs, calib=8"], out
+    assert [r["method"] for r in rows[1:4]] == ["-", "local", "sequential"]
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("map", "map50")), out
+    assert "| 0.50 | one-shot, sequential refit | sequential |" in out
