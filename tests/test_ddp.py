@@ -219,6 +219,9 @@ def record_patterns(trainer):
     rank = dist.get_rank()
     torch.save({"model": _patterns(vu._unwrap(trainer.model)), "ema": _patterns(trainer.ema.ema),
                 "compressed_here": trainer.vbx_report is not None,
+                "calib": (trainer.vbx_report or {}).get("calib"),
+                "biases": {n: l.bias is not None
+                           for n, l in compressed_modules(vu._unwrap(trainer.model))},
                 "options": trainer.vbx_options,
                 "weights": {n: l.weight.detach().clone()
                             for n, l in compressed_modules(vu._unwrap(trainer.model))}},
@@ -245,7 +248,7 @@ def ultralytics_launcher(monkeypatch, yolo_env):
     return yolo_env
 
 
-def _train_ddp_yolo(env, model, name, tmp_path, monkeypatch, **options):
+def _train_ddp_yolo(env, model, name, tmp_path, monkeypatch, calib=0, **options):
     from ultralytics import YOLO
 
     root, data = env
@@ -257,14 +260,14 @@ def _train_ddp_yolo(env, model, name, tmp_path, monkeypatch, **options):
     # SGD steps from the first batch on (no warmup, no accumulation), so the patterns move
     steps = dict(epochs=2, optimizer="SGD", lr0=0.05, warmup_epochs=0, nbs=TRAIN["batch"])
     y.train(data=str(data), project=str(root / "runs"), name=name,
-            **{**TRAIN, **steps, **options}, trainer=vu.compressed_trainer(0.66,
-                                                                           refresh_every=1))
+            **{**TRAIN, **steps, **options},
+            trainer=vu.compressed_trainer(0.66, refresh_every=1, calib=calib))
     ranks = [[torch.load(out / f"rank{r}_epoch{e}.pt", weights_only=False) for e in range(2)]
              for r in range(WORLD)]
     return y, root / "runs" / name / "weights", ranks
 
 
-def _check_ranks(ranks):
+def _check_ranks(ranks, calib=0):
     for epoch in range(2):
         r0, r1 = ranks[0][epoch], ranks[1][epoch]
         _assert_same_patterns(r0["model"], r1["model"], f"epoch {epoch} model")
@@ -275,12 +278,14 @@ def _check_ranks(ranks):
     first, second = ranks[0]
     assert len(first["model"]) >= 60
     # the trainer class reached the workers with its options (cloudpickle, by value)
-    assert [r[0]["options"] for r in ranks] == [vu.CompressOptions(0.66, refresh_every=1)] * WORLD
+    assert [r[0]["options"] for r in ranks] == [vu.CompressOptions(0.66, refresh_every=1,
+                                                                   calib=calib)] * WORLD
     # refresh_every=1: every step refreshed, and the patterns moved, the same way on both ranks
     assert all(second["model"][n]["version"] >= first["model"][n]["version"] + 2
                for n in first["model"])
-    assert any(not torch.equal(first["model"][n]["mask"], second["model"][n]["mask"])
-               for n in first["model"])
+    # (a refit writes zeros at the pruned positions: refreshes then keep its patterns)
+    assert calib or any(not torch.equal(first["model"][n]["mask"], second["model"][n]["mask"])
+                        for n in first["model"])
 
 
 @pytest.mark.slow
@@ -297,6 +302,20 @@ def test_yolo_ddp_workers_compress_on_rank_0_and_train_alike(ultralytics_launche
         assert set(dict(compressed_modules(loaded))) == set(ranks[0][1]["model"]), ckpt
         assert all(_fits(loaded).values()), ckpt
     assert len(dict(compressed_modules(y.model))) >= 60      # the launcher loaded best.pt
+
+
+@pytest.mark.slow
+def test_yolo_ddp_with_calib_refits_on_every_rank_and_trains_alike(ultralytics_launcher,
+                                                                   tmp_path, monkeypatch):
+    """calib=4 under DDP: every rank refits (each gives every compressed layer a bias, so the
+    ranks hold the same parameters for the wrap), rank 0's patterns and weights win."""
+    _, weights, ranks = _train_ddp_yolo(ultralytics_launcher, "yolov8n.yaml", "ddp_calib",
+                                        tmp_path, monkeypatch, calib=4)
+    _check_ranks(ranks, calib=4)
+    assert ranks[0][0]["calib"]["method"] == "sequential" and ranks[0][0]["calib"]["images"] == 4
+    assert all(all(r[0]["biases"].values()) for r in ranks)
+    best = _checkpoint_model(weights / "best.pt")
+    assert all(layer.bias is not None for _, layer in compressed_modules(best))
 
 
 @pytest.mark.slow
