@@ -93,9 +93,11 @@ def test_follow_patterns_copies_only_what_changed():
 
 def test_command_line_arguments_split_between_yolo_and_vbxfx():
     model, yolo, ours = vu._parse(["train", "model=yolov8n.yaml", "data=d.yaml", "epochs=3",
-                                   "compression=0.7", "exclude=model.0.*,model.22.*"])
+                                   "compression=0.7", "exclude=model.0.*,model.22.*",
+                                   "calib=64"])
     assert model == "yolov8n.yaml" and yolo == {"data": "d.yaml", "epochs": 3}
-    assert ours == {"compression": 0.7, "exclude": ("model.0.*", "model.22.*")}
+    assert ours == {"compression": 0.7, "exclude": ("model.0.*", "model.22.*"), "calib": 64}
+    assert vu.compressed_trainer(**ours).options.calib == 64
     assert vu.main(["train", "data=d.yaml"]) == 2
     assert vu.main(["fit", "model=a.pt"]) == 2
 
