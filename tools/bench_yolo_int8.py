@@ -143,16 +143,31 @@ def _line(r: dict) -> str:
             f"{'yes' if r['repeats_hold'] else 'NO'} | {r['seconds']:4.0f} |")
 
 
-def run(args) -> list[dict]:
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The generated data set and the dense training, as the YOLO benchmarks share them."""
+    p.add_argument("--images", type=int, default=256, help="generated training images")
+    p.add_argument("--val", type=int, default=64, help="generated validation images")
+    p.add_argument("--imgsz", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=40, help="dense training epochs")
+    p.add_argument("--batch", type=int, default=16)
+
+
+def trained_dense(args, prefix: str) -> tuple[Path, Path, Path]:
+    """``(root, data.yaml, dense best.pt)``: a temporary folder with ultralytics kept offline,
+    the generated data set, and yolov8n.yaml trained on it (``add_data_args``' options)."""
     torch.set_num_threads(args.threads)
-    root = Path(tempfile.mkdtemp(prefix="bench-yolo-int8-"))
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     offline_ultralytics(root / "settings")
+    data = make_detection_set(root / "data", train=args.images, val=args.val, size=args.imgsz)
+    return root, data, _train(root, data, "dense", args, "yolov8n.yaml")
+
+
+def run(args) -> list[dict]:
+    root, data, dense = trained_dense(args, "bench-yolo-int8-")
     from ultralytics import YOLO
 
     from vbxfx.integrations.ultralytics import compressed_trainer
 
-    data = make_detection_set(root / "data", train=args.images, val=args.val, size=args.imgsz)
-    dense = _train(root, data, "dense", args, "yolov8n.yaml")
     rows = []
     for c in args.compression:
         if c == 0:
@@ -169,13 +184,9 @@ def run(args) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=256, help="generated training images")
-    p.add_argument("--val", type=int, default=64, help="generated validation images")
-    p.add_argument("--imgsz", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=40, help="dense training epochs")
+    add_data_args(p)
     p.add_argument("--finetune-epochs", type=int, default=10,
                    help="epochs of compressed fine-tuning from the dense best.pt")
-    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--compression", type=float, nargs="+", default=[0.0, 0.66],
                    help="0 for the dense model")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["converter", "bias"])

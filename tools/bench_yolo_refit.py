@@ -23,16 +23,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_yolo_int8 import _train, _val  # noqa: E402
+from bench_yolo_int8 import _train, _val, add_data_args, trained_dense  # noqa: E402
 from markdown_table import print_rows  # noqa: E402
-from yolo_data import make_detection_set, offline_ultralytics  # noqa: E402
 
 REFITS = {"none": False, "local": {"method": "local"}, "sequential": {"method": "sequential"}}
 
@@ -53,16 +51,12 @@ def _one_shot(best: Path, data: Path, images: torch.Tensor, c: float, refit: str
 
 
 def run(args) -> list[dict]:
-    torch.set_num_threads(args.threads)
-    root = Path(tempfile.mkdtemp(prefix="bench-yolo-refit-"))
-    offline_ultralytics(root / "settings")
+    root, data, best = trained_dense(args, "bench-yolo-refit-")
     from ultralytics import YOLO
 
     from vbxfx.inputs.calib import load_calibration
     from vbxfx.integrations.ultralytics import compressed_trainer
 
-    data = make_detection_set(root / "data", train=args.images, val=args.val, size=args.imgsz)
-    best = _train(root, data, "dense", args, "yolov8n.yaml")
     rows = [{"compression": 0.0, "variant": "dense", "method": "-",
              **_val(YOLO(str(best)), data, args), "seconds": 0.0}]
     images = load_calibration(data.parent / "images" / "train",
@@ -88,11 +82,7 @@ def run(args) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=256, help="generated training images")
-    p.add_argument("--val", type=int, default=64, help="generated validation images")
-    p.add_argument("--imgsz", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=40, help="dense training epochs")
-    p.add_argument("--batch", type=int, default=16)
+    add_data_args(p)
     p.add_argument("--compression", type=float, nargs="+", default=[0.66, 0.75])
     p.add_argument("--refits", nargs="+", choices=list(REFITS), default=list(REFITS))
     p.add_argument("--calib", type=int, default=64, help="calibration (training) images")
