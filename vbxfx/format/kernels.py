@@ -13,6 +13,12 @@ All costs are doubled squared errors. Selections use float masks and exact arith
 (``a*m + b*(1-m)`` with ``m`` in {0, 1}) because on CPU ``torch.where`` and comparisons
 with a bool result are several times slower than plain arithmetic; the values selected
 are bit-identical to the inputs, so equal magnitudes stay exactly equal.
+
+The kernels are bound by memory traffic, not by arithmetic. Repeat 2 therefore works in
+steps of :data:`R2_STEP` blocks, small enough for its temporaries to stay in cache; per
+step it scores the 8 candidate pairs and the 16 rows they form with broadcast ops, finds
+the best split with an argmin tree, swaps each block's weights into that split's rows
+(:func:`_swap`), fits the rows, and swaps the result back.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ def _costs(x, y, qx2, qy2, c=None):
 
 
 class _Pair:
-    """One chosen pair of one row, with everything needed to apply the row's relation."""
+    """One chosen pair (repeat 1), with everything needed to apply the sign relation."""
 
     def __init__(self, x, y, hx=None, hy=None):
         self.x, self.y, self.hx, self.hy = x, y, hx, hy
@@ -92,14 +98,6 @@ class _Pair:
         return xo, yo
 
 
-def _row(pl, ph):
-    same = pl.cost(False).add_(ph.cost(False))
-    opp = _lt(pl.cost(True).add_(ph.cost(True)), same)
-    nopp = _not(opp)
-    sgn = (opp * -2).add_(1)
-    return pl.apply(opp, nopp, sgn), ph.apply(opp, nopp, sgn)
-
-
 def _pair_costs_all(w, q2, h=None):
     e_same, e_opp = [], []
     for i, j in _PAIRS:
@@ -120,45 +118,119 @@ def _argmin2(a, b):
     return _lt(b, a), torch.minimum(a, b)
 
 
+#: Blocks per step of project_r2: its ~40 rows of temporaries then stay in cache.
+R2_STEP = 1 << 15
+
+
+def _split_costs(w, h):
+    """Doubled costs ``(same, opposite)`` of the 8 candidate pairs, ``[8, n]`` in _PAIRS order,
+    each the cheaper of keeping both (that sign relation) and dropping the smaller."""
+    def pairs(v):                       # [half, i or j, n] -> x, y broadcast to [half, i, j, n]
+        v = v.view(2, 2, 2, -1)
+        return v[:, 0, :, None], v[:, 1, None, :]
+
+    (x, y), (qx, qy) = pairs(w), pairs(_energy2(w, h))
+    drop, same, opp = _costs(x, y, qx, qy, None if h is None else _conductance(*pairs(h)))
+    torch.minimum(same, drop, out=same)
+    torch.minimum(opp, drop, out=opp)
+    return same.view(8, -1), opp.view(8, -1)
+
+
+def _row_costs(es, eo, ls):
+    """``[8, n]``: cost of the row of L pair ``ls[c // 4]`` and H pair ``4 + c % 4``, with its
+    cheaper sign relation."""
+    s = torch.add(es[ls, None], es[None, 4:])
+    return torch.minimum(s, torch.add(eo[ls, None], eo[None, 4:]), out=s).view(8, -1)
+
+
+def _best_split(w, h):
+    """``[3, n]`` bits (t1, t2, t3) of the cheapest split c = 4*t1 + 2*t2 + t3 (ties: the
+    lowest c). Split c puts pairs t1 and 4 + c%4 in row A, pairs 3 - t1 and 7 - c%4 in row B."""
+    es, eo = _split_costs(w, h)
+    tot = _row_costs(es, eo, slice(0, 2))                       # row A of split c
+    tot.add_(_row_costs(es, eo, slice(2, 4)).flip(0))           # row B of split c: row 7 - c
+    # argmin as a tree of "1.0 where the right one is strictly lower"
+    b3, v1 = _lt(tot[1::2], tot[0::2]), torch.minimum(tot[0::2], tot[1::2])
+    b2, v2 = _lt(v1[1::2], v1[0::2]), torch.minimum(v1[0::2], v1[1::2])
+    t = torch.empty_like(w[:3])
+    torch.lt(v2[1], v2[0], out=t[0])
+    torch.lerp(b2[0], b2[1], t[0], out=t[1])                    # bits: lerp by 0 or 1 is exact
+    torch.lerp(*torch.lerp(b3[0::2], b3[1::2], t[1]), t[0], out=t[2])
+    return t
+
+
+def _swap(v, t, nt, out=None):
+    """``[8, n]`` v with rows 2k and 2k+1 swapped where bit ``t[k-1]`` is 1 (k = 1, 2, 3;
+    ``nt = 1 - t``), selecting as _sel does.
+
+    For the best split's bits this rearranges a block into the pairs of its rows A and B,
+    ``[half, x or y, row]``: (A_L x, B_L x, A_L y, B_L y, A_H x, B_H x, A_H y, B_H y); the
+    same swap puts them back.
+    """
+    out = torch.empty_like(v) if out is None else out
+    out[:2].copy_(v[:2])
+    a, o = v[2:].view(3, 2, -1), out[2:].view(3, 2, -1)
+    torch.mul(a, nt.unsqueeze(1), out=o)
+    o[:, 0].addcmul_(a[:, 1], t)
+    o[:, 1].addcmul_(a[:, 0], t)
+    return out
+
+
+def _drops(p, hp):
+    """For the pairs of a rearranged block ``p`` (see _swap), ``[half, row, n]``: the cost of
+    dropping the smaller, 1.0 where x is the one to keep, and with importance the pairs'
+    importances and conductance."""
+    if hp is None:                    # exact magnitudes: no tie from squares that underflow
+        a = p.abs().view(2, 2, 2, -1)
+        keep_x = torch.ge(a[:, 0], a[:, 1], out=torch.empty_like(a[:, 0]))
+        drop = torch.minimum(a[:, 0], a[:, 1])        # 2*min(x², y²), exactly
+        return drop.mul_(drop).mul_(2), keep_x, None, None, None
+    q = _energy2(p, hp).view(2, 2, 2, -1)
+    hx, hy = hp.view(2, 2, 2, -1).unbind(1)
+    keep_x = torch.ge(q[:, 0], q[:, 1], out=torch.empty_like(q[:, 0]))
+    return torch.minimum(q[:, 0], q[:, 1]), keep_x, hx, hy, _conductance(hx, hy)
+
+
+def _fit_rows(p, hp):
+    """Fit a rearranged block ``p`` (see _swap) in place: per row the cheaper sign relation,
+    per pair the common magnitude or the larger weight alone."""
+    v = p.view(2, 2, 2, -1)
+    x, y = v[:, 0], v[:, 1]                               # [half, row, n]
+    drop, keep_x, hx, hy, c = _drops(p, hp)
+    d_same, d_opp = (x - y).square_(), (x + y).square_()
+    if c is not None:
+        d_same.mul_(c)
+        d_opp.mul_(c)
+    e = torch.minimum(d_same, drop)
+    same = e[0] + e[1]                                    # [row, n]: L pair + H pair
+    torch.minimum(d_opp, drop, out=e)
+    opp = _lt(torch.add(e[0], e[1], out=e[0]), same)
+    nopp = _not(opp)
+    sgn = torch.sub(nopp, opp, out=same)
+    d = d_same.mul_(nopp).addcmul_(d_opp, opp)            # the relation's cost, as _sel
+    avg = torch.lt(d, drop, out=drop)
+    navg = _not(avg)
+    kx = keep_x.mul_(navg)
+    ky = navg.sub_(kx)
+    if hp is None:       # least-squares common magnitude: the plain mean
+        m = torch.addcmul(x, y, sgn, out=d_opp).mul_(0.5)
+    else:                # importance-weighted mean
+        m = torch.mul(y, sgn, out=d_opp).mul_(hy).add_(x * hx).div_(hx + hy)
+    ma = m.mul_(avg)
+    torch.addcmul(ma, x, kx, out=x)
+    torch.addcmul(ma.mul_(sgn), y, ky, out=y)
+    return p
+
+
 def project_r2(w, h=None):
     """Exact projection of ``[8, n]`` blocks onto repeat 2 (``h``: importance, same shape)."""
-    q2 = _energy2(w, h)
-    e_s, e_o = _pair_costs_all(w, q2, h)
-    tot = []
-    for c in range(8):
-        t1, th = c // 4, c % 4
-        a = torch.minimum(e_s[t1] + e_s[4 + th], e_o[t1] + e_o[4 + th])
-        b = torch.minimum(e_s[3 - t1] + e_s[7 - th], e_o[3 - t1] + e_o[7 - th])
-        tot.append(a.add_(b))
-    b3, v1 = zip(*(_argmin2(tot[2 * k], tot[2 * k + 1]) for k in range(4)))
-    b2, v2 = zip(*(_argmin2(v1[2 * k], v1[2 * k + 1]) for k in range(2)))
-    t1, _ = _argmin2(v2[0], v2[1])
-    nt1 = _not(t1)
-    t2 = _sel(t1, nt1, b2[1], b2[0])
-    nt2 = _not(t2)
-    t3 = _sel(t1, nt1, _sel(t2, nt2, b3[3], b3[2]), _sel(t2, nt2, b3[1], b3[0]))
-    nt3 = _not(t3)
-
-    def pairs(v):
-        """Row A's and row B's (L, H) pairs of ``v`` (weights or importances) for the split."""
-        if v is None:
-            return (None,) * 8
-        return (v[0], _sel(t1, nt1, v[3], v[2]), _sel(t2, nt2, v[5], v[4]), _sel(t3, nt3, v[7], v[6]),
-                v[1], _sel(t1, nt1, v[2], v[3]), _sel(t2, nt2, v[4], v[5]), _sel(t3, nt3, v[6], v[7]))
-
-    x, hh = pairs(w), pairs(h)
-    row_a = _row(_Pair(x[0], x[1], hh[0], hh[1]), _Pair(x[2], x[3], hh[2], hh[3]))
-    row_b = _row(_Pair(x[4], x[5], hh[4], hh[5]), _Pair(x[6], x[7], hh[6], hh[7]))
-    (al, ah), (bl, bh) = row_a, row_b
     out = torch.empty_like(w)
-    out[0].copy_(al[0])
-    out[1].copy_(bl[0])
-    _sel(t1, nt1, bl[1], al[1], out=out[2])
-    _sel(t1, nt1, al[1], bl[1], out=out[3])
-    _sel(t2, nt2, bh[0], ah[0], out=out[4])
-    _sel(t2, nt2, ah[0], bh[0], out=out[5])
-    _sel(t3, nt3, bh[1], ah[1], out=out[6])
-    _sel(t3, nt3, ah[1], bh[1], out=out[7])
+    for s in range(0, w.shape[1], R2_STEP):
+        ws, hs = w[:, s:s + R2_STEP], None if h is None else h[:, s:s + R2_STEP]
+        t = _best_split(ws, hs)
+        nt = _not(t)
+        fit = _fit_rows(_swap(ws, t, nt), None if hs is None else _swap(hs, t, nt))
+        _swap(fit, t, nt, out=out[:, s:s + R2_STEP])
     return out
 
 

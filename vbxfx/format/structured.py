@@ -61,15 +61,16 @@ def _rescaled(fn):
     Within one block, weights below about 2**-60 of its largest still count as ties."""
 
     def run(w: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
-        m = w.abs()
-        m = torch.maximum(m[:4], m[4:])
-        m = torch.maximum(m[:2], m[2:])
-        exponent = torch.frexp(torch.maximum(m[0], m[1])).exponent.clamp_(-120, 120)
-        down = torch.ldexp(torch.ones_like(w[0]), -exponent)
-        up = torch.ldexp(torch.ones_like(w[0]), exponent)
-        return fn(w * down, h).mul_(up)
+        top = torch.maximum(w.amax(0), w.amin(0).neg_())         # largest magnitude
+        exponent = torch.frexp(top).exponent.clamp_(-120, 120)
+        return fn(w * _pow2(exponent.neg()), h).mul_(_pow2(exponent))
 
     return run
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """``2.0**e`` in float32, exactly, for int32 ``e`` in [-126, 127]: its bit pattern."""
+    return e.add(127).bitwise_left_shift_(23).view(torch.float32)
 
 
 # ---------------------------------------------------------------- fit checks (exact values)
