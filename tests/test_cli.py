@@ -314,13 +314,14 @@ def test_json_stays_json_when_ultralytics_prints_its_settings_banner(tmp_path):
     assert (tmp_path / "fresh").exists()          # ultralytics did write (and announce) settings
 
 
-def test_the_refit_line_says_when_the_refit_fell_back_to_local():
+def test_the_refit_line_says_how_the_layers_were_refit():
     from vbxfx.cli.commands import _refit_line
     report = {"reconstruct": {"method": "local", "layers": 63, "mean_output_error": [0.14, 0.005]}}
     line = _refit_line(report, 8)
     assert line == ("refit: 63 layer(s) refit on 8 calibration image(s); mean relative output "
-                    "error 0.1400 -> 0.0050 (each on the dense model's inputs: the model does "
-                    "not trace symbolically)")
+                    "error 0.1400 -> 0.0050 (each on the dense model's inputs)")
+    report["reconstruct"]["method"] = "sequential"
+    assert _refit_line(report, None).endswith("(layer by layer on the compressed model's inputs)")
 
 
 def test_compress_with_int8_finetune(tmp_path):

@@ -94,7 +94,7 @@ def _refit_line(report: dict, images: int | None) -> str | None:
     before, after = refit["mean_output_error"]
     on = f" on {images} calibration image(s)" if images else ""
     how = {"sequential": "layer by layer on the compressed model's inputs",
-           "local": "each on the dense model's inputs: the model does not trace symbolically"}
+           "local": "each on the dense model's inputs"}
     method = refit.get("method", "")
     return (f"refit: {refit['layers']} layer(s) refit{on}; mean relative output error "
             f"{before:.4f} -> {after:.4f} ({how.get(method, method)})")

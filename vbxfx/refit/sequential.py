@@ -46,12 +46,12 @@ class _Tracer(torch.fx.Tracer):
 
 def trace_for_refit(model: nn.Module) -> torch.fx.Graph | None:
     """The symbolic graph of ``model`` (Conv/Linear layers as leaves), or None when it does
-    not trace (then the caller falls back to the local refit)."""
+    not trace (then the caller refits by hooks, :mod:`vbxfx.refit.hooks`)."""
     try:
         with preserved_state(model):
             return _Tracer().trace(model)
     except Exception as e:  # any tracing failure: the model simply is not fx-traceable
-        logger.info("reconstruct: %s does not trace symbolically (%s: %s); refitting locally",
+        logger.info("reconstruct: %s does not trace symbolically (%s: %s); refitting by hooks",
                     type(model).__name__, type(e).__name__, str(e).splitlines()[0][:200])
         return None
 
