@@ -97,3 +97,17 @@ def test_rtdetr_checks_at_its_query_selection(tmp_path, capsys):
     assert rc == 0 and check["ok"], check["problems"]
     assert any("after a discrete selection (topk" in n for n in check["notes"])
     assert check["outputs"] and all("(input of" in o["output"] for o in check["outputs"])
+
+
+def test_unmatched_selections_are_compared_element_by_element(exported, monkeypatch):
+    """When torch's calls cannot be paired with the file's nodes (here: torch records none),
+    every output is compared as it would be without selections, and a note says so."""
+    import vbxfx.export.selections as sel
+
+    small, x, path = exported
+    monkeypatch.setattr(sel, "_TORCH_KINDS", {})
+    report = vbxfx.check_onnx(path, torch_model=small, example_inputs=x, n_random=0)
+    proto = onnx.load(path)
+    assert {r.output for r in report.outputs} == {o.name for o in proto.graph.output}
+    assert any("could not be matched" in n for n in report.notes), report.notes
+    assert report.ok, str(report)        # no near-tie in these scores: the picks agree
