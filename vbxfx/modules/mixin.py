@@ -89,7 +89,9 @@ class _PatternProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         a, b, idx = ctx.saved_tensors
-        return _PatternProjection.apply(grad, a, b, idx), None, None, None
+        if torch.is_grad_enabled():       # create_graph=True: keep the backward differentiable
+            return _PatternProjection.apply(grad, a, b, idx), None, None, None
+        return _project(grad, a, b, idx), None, None, None
 
 
 def _project(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
