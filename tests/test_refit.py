@@ -203,14 +203,21 @@ def test_untraceable_model_gets_the_sequential_refit_by_hooks():
                                  damp=0.0)
     by_hooks = vbxfx.reconstruct(hooked, branchy, batches, pattern="keep", iters=300, damp=0.0,
                                  progress=lambda *a: calls.append(a))
+    small = copy.deepcopy(branchy)       # targets kept for one layer at a time: same weights
+    small.a, small.b = copy.deepcopy(graph_model.a), copy.deepcopy(graph_model.b)
+    vbxfx.reconstruct(small, branchy, batches, pattern="keep", iters=300, damp=0.0,
+                      max_stats_bytes=1)
     assert by_graph.method == by_hooks.method == "sequential"
     assert [r.name for r in by_hooks.layers] == ["a", "b"] and calls == [(1, 2, "a"),
                                                                         (2, 2, "b")]
-    assert by_hooks.forwards == 2 * len(batches)
+    # the order, one dense forward per batch for both targets, a partial one per layer
+    assert by_hooks.forwards == 1 + len(batches) + 2 * len(batches)
     for name in ("a", "b"):
         torch.testing.assert_close(hooked.get_submodule(name).compressed_weight(),
                                    graph_model.get_submodule(name).compressed_weight(),
                                    rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(small.get_submodule(name).compressed_weight(),
+                                   hooked.get_submodule(name).compressed_weight())
         assert by_hooks.layers[0].error_after < by_hooks.layers[0].error_before
     with torch.no_grad():   # b fit to what the refit a gives it, not to the dense a's output
         h_c = torch.relu(hooked.a(x)).double().numpy()

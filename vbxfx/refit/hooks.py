@@ -5,15 +5,18 @@
 they are, stopped early by hooks, one layer at a time in execution order:
 
 1. one forward of the compressed model records the order in which its layers first run;
-2. for each layer to refit, in that order, and every calibration batch: the dense model runs
-   until that layer has given its output (its target, rows sampled at random output
-   positions), the compressed model until that layer is called (its input, at the same
-   positions); then the layer is refit, before any later layer's input is taken.
+2. the dense model runs once per batch with hooks on a run of consecutive layers, each
+   keeping its target: its output rows at sampled positions (rows of at most ``max_bytes``
+   for the run together; one run for most models);
+3. for each layer of the run, in order, and every calibration batch: the compressed model
+   runs until that layer is called (its input, at the same positions); then the layer is
+   refit, before any later layer's input is taken.
 
 So every layer is refit on the input the compressed model gives it with all earlier layers
 already refit, and absorbs only the error they left: the same problem as the graph walk.
-The price is forwards: each layer needs two partial forwards per batch, about one whole
-forward per layer and batch in all (the graph walk needs one per batch).
+The price is forwards: each layer needs one partial forward of the compressed model per
+batch, about half a whole forward per layer and batch in all (the graph walk needs one per
+batch).
 
 A layer that runs several times in one forward (a shared module) is refit on its first call.
 """
@@ -81,20 +84,47 @@ def execution_order(model: nn.Module, names: list[str], batch: tuple) -> list[st
     return order
 
 
-def _capture_output(model: nn.Module, name: str, batch: tuple, i: int) -> torch.Tensor | None:
-    """The output of ``name``'s first call when ``model`` runs ``batch`` (stopped there)."""
-    got: list[torch.Tensor] = []
+@torch.no_grad()
+def _dense_targets(reference: nn.Module, names: list[str], batches: list[tuple],
+                   max_rows: int, gen: torch.Generator) -> dict[str, list]:
+    """Per layer of ``names`` and per batch, ``(positions, out_hw, output rows)`` of its first
+    call in the dense model (None where it did not run): one forward per batch, stopped once
+    the last of ``names`` has run."""
+    targets: dict[str, list] = {n: [None] * len(batches) for n in names}
+    last = names[-1]
+    for i, batch in enumerate(batches):
+        def hook(mod, _a, out, name):
+            if targets[name][i] is None:
+                pos = sample_positions(mod, out.shape, max_rows, gen)
+                out_hw = tuple(out.shape[2:]) if isinstance(mod, nn.Conv2d) else (0, 0)
+                targets[name][i] = (pos, out_hw, output_rows(mod, out, pos))
+            if name == last:
+                raise _Stop
 
-    def hook(_m, _a, out):
-        got.append(out)
-        raise _Stop
+        handles = [reference.get_submodule(n).register_forward_hook(
+            lambda m, a, o, n=n: hook(m, a, o, n)) for n in names]
+        try:
+            _run(reference, batch, i, "dense")
+        finally:
+            for h in handles:
+                h.remove()
+    return targets
 
-    h = model.get_submodule(name).register_forward_hook(hook)
-    try:
-        _run(model, batch, i, "dense")
-    finally:
-        h.remove()
-    return got[0] if got else None
+
+def _groups(model: nn.Module, order: list[str], batches: int, max_rows: int,
+            max_bytes: int) -> list[list[str]]:
+    """``order`` cut into runs whose dense target rows (at most ``max_rows`` a batch, float32)
+    fit ``max_bytes`` together."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in order:
+        size = 4 * batches * max_rows * model.get_submodule(name).weight.shape[0]
+        if groups[-1] and used + size > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
 
 
 def _capture_input(model: nn.Module, name: str, batch: tuple, i: int) -> torch.Tensor | None:
@@ -116,36 +146,43 @@ def _capture_input(model: nn.Module, name: str, batch: tuple, i: int) -> torch.T
 @torch.no_grad()
 def refit_by_hooks(model: nn.Module, reference: nn.Module, batches: list[tuple],
                    names: list[str], refit: Refit, max_rows: int, gen: torch.Generator,
-                   progress: Callable[[int, int, str], None] | None = None) -> list[str]:
+                   progress: Callable[[int, int, str], None] | None = None,
+                   max_bytes: int = 2 ** 30) -> tuple[list[str], int]:
     """Refit the layers ``names`` of ``model`` in execution order (see the module doc);
     ``reference`` is the dense model with the same layer names. Returns the layers refit, in
-    order (a layer that never runs on the calibration data is left as it is).
+    order (a layer that never runs on the calibration data is left as it is), and the number
+    of (partial) forwards run. The dense targets of consecutive layers are taken together,
+    up to ``max_bytes`` of rows.
 
     Raises:
         ConfigError: a batch does not run through one of the models.
     """
     order = execution_order(model, names, batches[0])
     done: list[str] = []
+    forwards = 1
     with eval_mode(model), eval_mode(reference):
-        for name in order:
-            layer = model.get_submodule(name)
-            w = layer.weight
-            p = Problem(w[0].numel(), w.shape[0], w.device,
-                        channels=w.shape[0] if is_depthwise(layer) else 0)
-            for i, batch in enumerate(batches):
-                y = _capture_output(reference, name, batch, i)
-                x = _capture_input(model, name, batch, i)
-                if y is None or x is None:
+        for group in _groups(model, order, len(batches), max_rows, max_bytes):
+            targets = _dense_targets(reference, group, batches, max_rows, gen)
+            forwards += len(batches)
+            for name in group:
+                layer = model.get_submodule(name)
+                w = layer.weight
+                p = Problem(w[0].numel(), w.shape[0], w.device,
+                            channels=w.shape[0] if is_depthwise(layer) else 0)
+                for i, batch in enumerate(batches):
+                    if targets[name][i] is None:
+                        continue
+                    pos, out_hw, rows = targets[name][i]
+                    x = _capture_input(model, name, batch, i)
+                    forwards += 1
+                    if x is not None:
+                        p.add(input_rows(layer, x, out_hw, pos), rows)
+                del targets[name]
+                if p.n == 0:
+                    logger.info("reconstruct: %s did not run on the calibration data", name)
                     continue
-                pos = sample_positions(layer, y.shape, max_rows, gen)
-                out_hw = tuple(y.shape[2:]) if isinstance(layer, nn.Conv2d) else (0, 0)
-                p.add(input_rows(layer, x, out_hw, pos), output_rows(layer, y, pos))
-                del x, y
-            if p.n == 0:
-                logger.info("reconstruct: %s did not run on the calibration data", name)
-                continue
-            refit(name, p)
-            done.append(name)
-            if progress is not None:
-                progress(len(done), len(order), name)
-    return done
+                refit(name, p)
+                done.append(name)
+                if progress is not None:
+                    progress(len(done), len(order), name)
+    return done, forwards

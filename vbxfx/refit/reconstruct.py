@@ -18,7 +18,7 @@ dense) without constraint; measured no better, so it is off.
 
 Models that do not trace symbolically (torch.export models such as ultralytics YOLO) get
 the same sequential refit by hooks (:mod:`vbxfx.refit.hooks`: partial forwards, layer by
-layer in execution order; about one forward per layer and batch instead of one per batch).
+layer in execution order; about half a forward per layer and batch instead of one per batch).
 ``method="local"`` refits every layer on the dense model's inputs from one forward with
 hooks (the refit of earlier versions).
 
@@ -144,8 +144,9 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *,
         damp: Tikhonov damping toward the dense layer, a fraction of the mean input energy
             (0.01 and 0.1 measured alike on MobileNetV2).
         max_rows: input rows (convolution patches) sampled per layer and batch.
-        max_stats_bytes: ``"local"``: memory for second moments per forward; more layers
-            take more forwards.
+        max_stats_bytes: ``"local"``: memory for second moments per forward, the sequential
+            refit by hooks: for the dense targets kept at once; more layers take more
+            forwards.
         layers: only these compressed layers (default: all).
         progress: ``progress(done, total, layer)`` after each refit layer.
         local_weight: sequential only: also fit the dense model's inputs, with this weight
@@ -203,8 +204,8 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *,
         return _sequential(graph, model, reference, batches, names, dense, priors, max_rows,
                            seed, seq_opts, progress)
     if method == "sequential":
-        return _by_hooks(model, reference, batches, names, priors, max_rows, seed, seq_opts,
-                         progress)
+        return _by_hooks(model, reference, batches, names, priors, max_rows, max_stats_bytes,
+                         seed, seq_opts, progress)
     return _local(model, reference, batches, names, priors, max_rows, max_stats_bytes, seed,
                   opts, progress)
 
@@ -280,7 +281,7 @@ def _sequential(graph, model, reference, batches, names, dense, priors, max_rows
     return result
 
 
-def _by_hooks(model, reference, batches, names, priors, max_rows, seed, opts,
+def _by_hooks(model, reference, batches, names, priors, max_rows, max_bytes, seed, opts,
               progress) -> ReconstructResult:
     """The sequential refit of a model that does not trace symbolically (:mod:`.hooks`)."""
     modules = dict(model.named_modules())
@@ -296,13 +297,13 @@ def _by_hooks(model, reference, batches, names, priors, max_rows, seed, opts,
 
     saved = {n: copy.deepcopy(modules[n].state_dict()) for n in names}
     try:
-        done = refit_by_hooks(model, reference, batches, names, refit, max_rows,
-                              torch.Generator().manual_seed(seed), progress)
+        done, result.forwards = refit_by_hooks(model, reference, batches, names, refit,
+                                               max_rows, torch.Generator().manual_seed(seed),
+                                               progress, max_bytes=max_bytes)
     except BaseException:
         for n, state in saved.items():       # a batch failed midway: undo it all
             modules[n].load_state_dict(state)
         raise
-    result.forwards = len(done) * len(batches)    # about one whole forward per layer and batch
     logger.info("%s", result.summary())
     return result
 
