@@ -31,6 +31,7 @@ from torch import nn
 
 from vbxfx.analysis.trace import eval_mode
 from vbxfx.errors import ConfigError
+from vbxfx.refit.local import runs_within
 from vbxfx.refit.rows import Problem, input_rows, is_depthwise, output_rows, sample_positions
 
 __all__ = ["execution_order", "refit_by_hooks"]
@@ -115,16 +116,8 @@ def _groups(model: nn.Module, order: list[str], batches: int, max_rows: int,
             max_bytes: int) -> list[list[str]]:
     """``order`` cut into runs whose dense target rows (at most ``max_rows`` a batch, float32)
     fit ``max_bytes`` together."""
-    groups: list[list[str]] = [[]]
-    used = 0
-    for name in order:
-        size = 4 * batches * max_rows * model.get_submodule(name).weight.shape[0]
-        if groups[-1] and used + size > max_bytes:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += size
-    return groups
+    return runs_within(order, lambda n: 4 * batches * max_rows
+                       * model.get_submodule(n).weight.shape[0], max_bytes)
 
 
 def _capture_input(model: nn.Module, name: str, batch: tuple, i: int) -> torch.Tensor | None:

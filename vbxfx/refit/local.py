@@ -9,6 +9,8 @@ is the refit for models that do not trace symbolically, and the measurement behi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -18,18 +20,25 @@ from vbxfx.refit.rows import Problem, input_rows, sample_positions
 __all__ = ["local_problems"]
 
 
-def _groups(names: list[str], layers: dict[str, nn.Module], max_bytes: int) -> list[list[str]]:
+def runs_within(names: list[str], size: Callable[[str], int],
+                max_bytes: int) -> list[list[str]]:
+    """``names`` cut, in order, into runs whose ``size(name)`` add up to at most ``max_bytes``
+    (a single name larger than that makes a run of its own)."""
     groups: list[list[str]] = [[]]
     used = 0
     for name in names:
-        k = layers[name].weight[0].numel() + 1
-        size = 8 * k * k
-        if groups[-1] and used + size > max_bytes:
+        bytes_ = size(name)
+        if groups[-1] and used + bytes_ > max_bytes:
             groups.append([])
             used = 0
         groups[-1].append(name)
-        used += size
+        used += bytes_
     return groups
+
+
+def _groups(names: list[str], layers: dict[str, nn.Module], max_bytes: int) -> list[list[str]]:
+    """Runs of layers whose float64 second moments ``[k+1, k+1]`` fit ``max_bytes``."""
+    return runs_within(names, lambda n: 8 * (layers[n].weight[0].numel() + 1) ** 2, max_bytes)
 
 
 @torch.no_grad()
