@@ -76,9 +76,6 @@ class _Pair:
             c = _conductance(hx, hy)
         self.drop, self.d_same, self.d_opp = _costs(x, y, self.qx, self.qy, c)
 
-    def cost(self, opp):
-        return torch.minimum(self.d_opp if opp else self.d_same, self.drop)
-
     def apply(self, opp, nopp, sgn):
         d = _sel(opp, nopp, self.d_opp, self.d_same)
         avg = _lt(d, self.drop)

@@ -318,15 +318,7 @@ class CompressedMixin(LayerStateMixin):
         self._vbx_put("mask", mask.to(torch.bool))
         self._vbx_put("pair_index", index)
         self._vbx_put("pair_sign", sign)
-        paired = offset != 0
-        dtype = self.weight.dtype
-        self._vbx_put("vbx_coef_a", mask.to(dtype) * (1 - 0.5 * paired.to(dtype)))
-        self._vbx_put("vbx_coef_b", paired.to(dtype) * (0.5 - opposite.to(dtype)))
-        n = mask.numel()
-        pos = torch.arange(n, device=dev, dtype=torch.int32 if n < 2 ** 31 else torch.int64)
-        self._vbx_put("vbx_gather_index", torch.where(paired.reshape(-1), index.reshape(-1).to(
-            pos.dtype), pos))
-        self._vbx_paired = bool(paired.any())
+        self._vbx_rebuild_coefficients(check=False)
         self._vbx_pattern_version = getattr(self, "_vbx_pattern_version", 0) + 1
 
     def _vbx_put(self, name: str, value: torch.Tensor, persistent: bool = False) -> None:
@@ -352,8 +344,9 @@ class CompressedMixin(LayerStateMixin):
         self._vbx_pattern_version = getattr(self, "_vbx_pattern_version", 0) + 1
 
     @torch.no_grad()
-    def _vbx_rebuild_coefficients(self) -> None:
-        """(a, b, idx) from the pattern buffers, checked to be a symmetric pairing."""
+    def _vbx_rebuild_coefficients(self, check: bool = True) -> None:
+        """(a, b, idx) from the pattern buffers, checked to be a symmetric pairing (``check``;
+        False for a pattern the encoder has just made, where the check is the slow part)."""
         n = self.mask.numel()
         index = self.pair_index.reshape(-1)
         if self.mask.shape != self.weight.shape or self.pair_index.shape != self.weight.shape \
@@ -367,8 +360,8 @@ class CompressedMixin(LayerStateMixin):
         enc = PairEncoding(self.repeat, self.mask, self.pair_index, self.pair_sign, self.fmt)
         a, b, idx = pattern_coefficients(enc)
         idx, b_flat = idx.reshape(-1), b.reshape(-1)
-        if not torch.equal(idx[idx], torch.arange(n, device=idx.device)) \
-                or not torch.equal(b_flat[idx], b_flat):
+        if check and (not torch.equal(idx[idx], torch.arange(n, device=idx.device))
+                      or not torch.equal(b_flat[idx], b_flat)):
             raise FormatError(f"{self._vbx_label()}: pair_index/pair_sign are not symmetric "
                               "(the partner of a weight's partner must be the weight, with the "
                               "same sign relation)")
