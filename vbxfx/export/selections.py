@@ -10,8 +10,8 @@ selection feeds as usual; the outputs after a selection are named in a note.
 
 The ONNX side: the data input of every TopK/ArgMax/ArgMin node, added as an extra output.
 The torch side: the input of every ``topk`` / ``argmax`` / ``argmin`` call, recorded by a
-``TorchFunctionMode`` while the model runs. The two are matched in call order per kind
-(the counts must agree). A selection whose input itself comes after another selection
+``TorchFunctionMode`` while the model runs. The two are matched in call order per kind;
+where the counts disagree, every output is compared element by element as without them. A selection whose input itself comes after another selection
 (RT-DETR's second ``topk``) is matched but not compared, like the outputs after it.
 """
 
@@ -111,7 +111,8 @@ class RecordSelections(TorchFunctionMode):
 def match(chosen: list[Selection], recorded: list[tuple[str, np.ndarray]]
           ) -> list[tuple[Selection, np.ndarray]] | None:
     """Pair each ONNX selection with the torch call of the same kind and rank in call order;
-    None when the counts of a kind differ (the comparison then checks the shapes)."""
+    None when the counts of a kind differ (the check then compares every output element by
+    element). A pair whose shapes differ fails the comparison itself."""
     pairs = []
     for kind in sorted({s.kind for s in chosen} | {k for k, _ in recorded}):
         ours = [s for s in chosen if s.kind == kind]
