@@ -111,3 +111,28 @@ def test_unmatched_selections_are_compared_element_by_element(exported, monkeypa
     assert {r.output for r in report.outputs} == {o.name for o in proto.graph.output}
     assert any("could not be matched" in n for n in report.notes), report.notes
     assert report.ok, str(report)        # no near-tie in these scores: the picks agree
+
+
+class _PicksFromInput(nn.Module):
+    """A TopK straight on the graph input: its input is no intermediate value to read out."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        idx = torch.topk(x, 4, dim=1).indices
+        return self.fc(x), torch.gather(x, 1, idx)
+
+
+def test_a_selection_on_the_graph_input_still_checks(tmp_path):
+    model = _PicksFromInput().eval()
+    x = torch.randn(2, 16)
+    small = vbxfx.compress(model, x, compression=0.5).model.eval()
+    path = tmp_path / "input_pick.onnx"
+    vbxfx.export_onnx(small, x, path)
+    report = vbxfx.check_onnx(str(path), torch_model=small, example_inputs=x, n_random=1)
+    assert report.ok, str(report)
+    assert any("(input of" in r.output for r in report.outputs)   # the input itself, read out
+    assert any("after a discrete selection" in n for n in report.notes)
