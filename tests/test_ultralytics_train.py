@@ -286,13 +286,15 @@ def test_vbxfx_yolo_train_on_the_command_line(yolo_env):
     proc = subprocess.run(cmd + ["yolo", "train", "model=yolov8n.yaml", f"data={data}",
                                  "epochs=1", "imgsz=64", "batch=8", "workers=0", "plots=False",
                                  "device=cpu", f"project={root / 'runs'}", "name=cli",
-                                 "exist_ok=True", "compression=0.5"],
+                                 "exist_ok=True", "compression=0.5", "calib=4"],
                           capture_output=True, text=True, timeout=900,
                           env={**os.environ, "YOLO_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "layers compressed" in proc.stderr
+    assert "reconstruct (sequential)" in proc.stderr and "on 4 training images" in proc.stderr
     best = _checkpoint_model(root / "runs" / "cli" / "weights" / "best.pt")
     assert {l.repeat for l in _layers(best).values()} == {2}          # 0.5: every layer 2:4
+    assert all(l.bias is not None for l in _layers(best).values())    # calib gave them one
     bad = subprocess.run(cmd + ["yolo", "train", "data=d.yaml"], capture_output=True, text=True)
     assert bad.returncode == 2 and "model=" in bad.stderr
 
@@ -378,5 +380,16 @@ def test_trainer_refits_on_calib_training_images_before_the_first_epoch(yolo_env
         torch.testing.assert_close(seen["ema"][n][0], w)
         torch.testing.assert_close(seen["ema"][n][1], b)
     assert any(bool(b.abs().sum() > 0) for _, b in seen["weights"].values())
+    # what a user does next with it: ultralytics' own val and ONNX export, then vbxfx check
+    best = root / "runs" / "calib" / "weights" / "best.pt"
+    trained = YOLO(str(best))
+    metrics = trained.val(data=str(data), imgsz=64, batch=8, plots=False, device="cpu",
+                          verbose=False, workers=0)
+    assert 0.0 <= float(metrics.box.map) <= 1.0
+    onnx_file = trained.export(format="onnx", imgsz=64, device="cpu")
+    model = _checkpoint_model(best).eval()        # BatchNorm fused into the refit biases
+    report = vbxfx.check_onnx(onnx_file, torch_model=model)
+    assert report.ok, report.problems
+    assert len(report.layers) == len(_layers(model))
     with pytest.raises(ConfigError, match="calib must be a number of training images"):
         vu.compressed_trainer(0.66, calib=-1)
