@@ -88,11 +88,13 @@ def test_bench_yolo_refit_tiny(tmp_path):
     rows_file = tmp_path / "rows.json"
     out = _run("bench_yolo_refit.py", "--images", "16", "--val", "8", "--imgsz", "64",
                "--epochs", "1", "--compression", "0.5", "--calib", "8",
-               "--finetune-epochs", "1", "--threads", "1", "--json", str(rows_file))
+               "--finetune-epochs", "1", "--optimizer", "SGD", "--lr0", "0.001",
+               "--threads", "1", "--json", str(rows_file))
     rows = json.loads(rows_file.read_text())
     assert [r["variant"] for r in rows] == [
         "dense", "one-shot, none refit", "one-shot, local refit", "one-shot, sequential refit",
-        "1 epochs, calib=0", "1 epochs, calib=8"], out
+        "1 epochs (optimizer=SGD, lr0=0.001), calib=0",
+        "1 epochs (optimizer=SGD, lr0=0.001), calib=8"], out
     assert [r["method"] for r in rows[1:4]] == ["-", "local", "sequential"]
     assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("map", "map50")), out
     assert "| 0.50 | one-shot, sequential refit | sequential |" in out

@@ -66,7 +66,6 @@ def test_check_compares_the_selection_input_and_says_so(exported):
 def test_a_changed_score_fails_at_the_selection_input(exported):
     small, x, path = exported
     other = _Picks().eval()
-    other.load_state_dict({k: v for k, v in _Picks().state_dict().items()})
     with torch.no_grad():
         other.conv.weight.copy_(small.conv.compressed_weight())
         other.conv.bias.copy_(small.conv.bias)

@@ -41,14 +41,15 @@ METHODS = ("converter", "ranges", "bias", "optq")
 
 
 def _train(root: Path, data: Path, name: str, args, model: str, trainer=None,
-           epochs: int | None = None) -> Path:
+           epochs: int | None = None, **extra) -> Path:
+    """Train ``model`` with ultralytics (``extra``: more ``train()`` arguments)."""
     from ultralytics import YOLO
 
     t0 = time.perf_counter()
     YOLO(model).train(data=str(data), project=str(root / "runs"), name=name,
                       epochs=epochs or args.epochs, imgsz=args.imgsz, batch=args.batch,
                       workers=0, plots=False, device="cpu", amp=False, verbose=False,
-                      exist_ok=True, seed=0, trainer=trainer)
+                      exist_ok=True, seed=0, trainer=trainer, **extra)
     print(f"{name}: trained in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return root / "runs" / name / "weights" / "best.pt"
 

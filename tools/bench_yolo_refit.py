@@ -3,7 +3,7 @@
 yolov8n.yaml is trained dense by ultralytics on a generated two-class detection set
 (tools/yolo_data.py). Its best.pt is compressed one-shot (no training) at each
 ``--compression`` by ``vbxfx.compress`` with the first ``--calib`` training images as
-calibration data and
+calibration data (``--include-frozen``: the DFL convolution too) and
 
 * ``none``: the projection only (``reconstruct=False``);
 * ``local``: every layer refit on the dense model's inputs (``method="local"``);
@@ -12,7 +12,7 @@ calibration data and
 
 and ultralytics' validator measures mAP50-95 on the validation images. With
 ``--finetune-epochs N``, ``compressed_trainer(c)`` and ``compressed_trainer(c, calib=...)``
-also fine-tune from best.pt for N epochs (mAP of their best.pt).
+also fine-tune from best.pt for N epochs (``--optimizer``, ``--lr0``; mAP of their best.pt).
 
     YOLO_OFFLINE=1 OMP_NUM_THREADS=2 python tools/bench_yolo_refit.py --images 256 --val 64 \\
         --imgsz 64 --epochs 40 --compression 0.66 0.75 --calib 64 --finetune-epochs 2
@@ -42,7 +42,7 @@ def _one_shot(best: Path, data: Path, images: torch.Tensor, c: float, refit: str
     y = YOLO(str(best))
     t0 = time.perf_counter()
     result = vbxfx.compress(y.model, images[:1], compression=c, calib_data=images.split(16),
-                            reconstruct=REFITS[refit])
+                            reconstruct=REFITS[refit], include_frozen=args.include_frozen)
     seconds = time.perf_counter() - t0
     method = (result.report.get("reconstruct") or {}).get("method", "-")
     y.model = result.model
@@ -67,13 +67,16 @@ def run(args) -> list[dict]:
             rows.append(_one_shot(best, data, images, c, refit, args))
             print(rows[-1], file=sys.stderr)
         if args.finetune_epochs:
+            schedule = {k: v for k, v in (("optimizer", args.optimizer), ("lr0", args.lr0))
+                        if v is not None}
+            how = ", ".join(f"{k}={v}" for k, v in schedule.items()) or "ultralytics' defaults"
             for calib in (0, args.calib):
                 t0 = time.perf_counter()
                 tuned = _train(root, data, f"c{c}-calib{calib}", args, str(best),
                                epochs=args.finetune_epochs,
-                               trainer=compressed_trainer(c, calib=calib))
+                               trainer=compressed_trainer(c, calib=calib), **schedule)
                 rows.append({"compression": c, "method": "sequential" if calib else "-",
-                             "variant": f"{args.finetune_epochs} epochs, calib={calib}",
+                             "variant": f"{args.finetune_epochs} epochs ({how}), calib={calib}",
                              **_val(YOLO(str(tuned)), data, args),
                              "seconds": time.perf_counter() - t0})
                 print(rows[-1], file=sys.stderr)
@@ -88,6 +91,12 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=int, default=64, help="calibration (training) images")
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="also fine-tune in the trainer, with and without calib")
+    p.add_argument("--optimizer", default=None, help="the fine-tuning's optimizer (default: "
+                   "ultralytics' 'auto', AdamW for short runs)")
+    p.add_argument("--lr0", type=float, default=None, help="the fine-tuning's learning rate")
+    p.add_argument("--include-frozen", action="store_true",
+                   help="compress frozen layers too, the DFL convolution included (how "
+                        "vbxfx treated a model loaded for inference before issue 25)")
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
