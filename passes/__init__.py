@@ -7,6 +7,7 @@ from vbxfx.passes.finalize import Finalize
 from vbxfx.passes.rewrite import Rewrite
 from vbxfx.passes.allocate import Allocate
 from vbxfx.passes.reconstruct import Reconstruct
+from vbxfx.passes.shrink import Shrink
 
 __all__ = ["GraphPass", "PassResult", "AnalyzeLayers", "ChannelFlow", "Allocate", "Rewrite",
-           "Reconstruct", "Finalize"]
+           "Reconstruct", "Finalize", "Shrink"]

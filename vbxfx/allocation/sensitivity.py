@@ -48,7 +48,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -64,8 +63,10 @@ from vbxfx.errors import ConfigError
 from vbxfx.format import project_unstructured, project_weight
 from vbxfx.meta import LAYER_KEY
 from vbxfx.analysis.trace import eval_mode
+from vbxfx.allocation.noise import LayerStats, column_ratios, noise_ratio
 
 __all__ = ["project", "projected", "LayerStats", "layer_statistics", "weight_sensitivity",
+           "noise_ratio", "column_ratios",
            "output_sensitivity", "eval_fn_sensitivity", "output_divergence", "calib_batches"]
 
 logger = logging.getLogger(__name__)
@@ -96,47 +97,10 @@ def projected(param: torch.Tensor, level: Level, fmt: str) -> Iterator[None]:
             param.copy_(saved)
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerStats:
-    """Data-free statistics around one layer, read from the model's BatchNorm layers.
-
-    ``in_mean`` / ``in_var``: per input channel moments of the layer's input (None: unknown,
-    taken as mean 0, variance 1). ``out_gain``: ``γ²/σ²`` per output channel of the BatchNorm
-    right after the layer and ``out_energy`` its output energy ``Σ γ² + β²`` (None: no
-    BatchNorm follows). ``share``: the energy share of the layer's branch in the first
-    residual sum it flows into (1 when there is none).
-    """
-
-    in_mean: torch.Tensor | None = None
-    in_var: torch.Tensor | None = None
-    out_gain: torch.Tensor | None = None
-    out_energy: float | None = None
-    share: float = 1.0
-
-
 def _noise_ratio(w: torch.Tensor, level: Level, fmt: str, st: LayerStats | None) -> float:
     """Noise-to-signal energy ratio at the layer's (normalised) output; see the module doc."""
     w = w.detach().float()
-    dw = w - project(w, level, fmt).float()
-    st = st or LayerStats()
-    if st.in_var is None:
-        mean, var = torch.zeros(w.shape[1]), torch.ones(w.shape[1])
-    else:
-        mean, var = st.in_mean.float(), st.in_var.float()
-    shape = (1, -1) + (1,) * (w.dim() - 2)
-    mean, var = mean.view(shape), var.view(shape)
-    dims = tuple(range(1, w.dim()))
-
-    def energy(d: torch.Tensor) -> torch.Tensor:  # E[(d_o · x)²] per output channel
-        return (d.square() * var).sum(dims) + (d * mean).sum(dims).square()
-
-    noise = energy(dw)
-    if st.out_gain is not None and st.out_energy:
-        ratio = float((st.out_gain.float() * noise).sum()) / st.out_energy
-    else:
-        signal = float(energy(w).sum())
-        ratio = float(noise.sum()) / signal if signal > 0 else 0.0
-    return ratio * st.share
+    return noise_ratio(w, w - project(w, level, fmt).float(), st)
 
 
 def weight_sensitivity(weights: Mapping[str, torch.Tensor], levels: LevelSpec, fmt: str,
