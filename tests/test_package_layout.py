@@ -87,7 +87,7 @@ def test_the_graph_sees_a_cycle_when_there_is_one():
 
 #: The rooms from the bottom up: a module may import only rooms of its own rank or lower.
 LAYERS = [("errors", "lazy", "meta", "model_state"), ("format", "inputs"), ("analysis", "modules"),
-          ("allocation",), ("refit",), ("passes",), ("export", "pipeline"), ("check",),
+          ("allocation", "shrink"), ("refit",), ("passes",), ("export", "pipeline"), ("check",),
           ("quant",), ("integrations", "testing"), ("seed_api",), ("cli",), ("__main__",)]
 
 

@@ -152,7 +152,7 @@ def cmd_compress(args: argparse.Namespace, con: Console) -> int:
                             json_file=args.json_file, exclude=tuple(args.exclude or ()),
                             calib_data=calib, fmt=args.fmt, allow_dense=args.allow_dense,
                             reconstruct=refit, progress=con.progress,
-                            include_frozen=args.include_frozen)
+                            include_frozen=args.include_frozen, methods=args.methods)
     out: dict[str, Any] = {"model": resolved.description, "report": result.report}
     con.out(format_report(result.report, max_rows=args.max_rows))
     line = _refit_line(result.report, None if calib is None else int(calib.shape[0]))

@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "for STEPS steps under the int8 grids the converter will use "
                         "(vbxfx.quant.finetune_int8; give a few hundred inputs or more)")
     p.add_argument("--fmt", choices=("comp", "ucomp"), default="comp", help="structured (default) or unstructured")
+    p.add_argument("--methods", default="sparsity",
+                   help="what may remove MACs, comma-separated: sparsity (the 1:4 / 2:4 levels, "
+                        "default), channels (channel pruning), lowrank (low-rank factors); with "
+                        "more than sparsity, --compression counts the whole model's dense "
+                        "hardware MACs")
     p.add_argument("--allow-dense", action="store_true", help="let the allocator keep sensitive layers dense")
     p.add_argument("--include-frozen", action="store_true",
                    help="also compress layers whose weight does not train (requires_grad=False, "

@@ -77,7 +77,20 @@ def totals_lines(report: dict[str, Any]) -> list[str]:
         out.append(f"  of which {human(t['other_macs'])} in other multiply-heavy ops (attention "
                    "matmuls, ...), dense before and after")
     target = report.get("target")
-    if target is not None:
+    shrink = report.get("shrink")
+    if shrink is not None and target is not None:
+        pruned = [g for g in shrink["groups"] if g["kept"] < g["channels"]]
+        stuck = [g for g in shrink["groups"] if not g["prunable"]]
+        kept = sum(g["kept"] for g in pruned)
+        total = sum(g["channels"] for g in pruned)
+        out.append(f"target: {target:.3f} of the whole model's dense hardware MACs removed; "
+                   f"reached {report.get('achieved', 0):.3f} (methods: "
+                   f"{', '.join(report.get('methods', ()))})")
+        out.append(f"channels: {len(pruned)} group(s) pruned ({kept} of {total} channels "
+                   f"kept), {len(shrink['low_rank'])} layer(s) as low-rank factors"
+                   + (f"; {len(stuck)} group(s) cannot be pruned, e.g. {stuck[0]['name']}: "
+                      f"{stuck[0]['reason']}" if stuck else ""))
+    elif target is not None:
         budget = report.get("budget")
         what = "dense hardware MACs" if budget == "macs" and hw else (
             "MACs" if budget == "macs" else "weights")

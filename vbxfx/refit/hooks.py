@@ -32,6 +32,7 @@ from torch import nn
 from vbxfx.analysis.trace import eval_mode
 from vbxfx.errors import ConfigError
 from vbxfx.refit.local import runs_within
+from vbxfx.refit.structure import sliced_output
 from vbxfx.refit.rows import Problem, input_rows, is_depthwise, output_rows, sample_positions
 
 __all__ = ["execution_order", "refit_by_hooks"]
@@ -87,15 +88,19 @@ def execution_order(model: nn.Module, names: list[str], batch: tuple) -> list[st
 
 @torch.no_grad()
 def _dense_targets(reference: nn.Module, names: list[str], batches: list[tuple],
-                   max_rows: int, gen: torch.Generator) -> dict[str, list]:
+                   max_rows: int, gen: torch.Generator, model: nn.Module,
+                   out_index: dict[str, torch.Tensor]) -> dict[str, list]:
     """Per layer of ``names`` and per batch, ``(positions, out_hw, output rows)`` of its first
     call in the dense model (None where it did not run): one forward per batch, stopped once
-    the last of ``names`` has run."""
+    the last of ``names`` has run. The rows are those ``model``'s layer computes (its kept
+    channels, :mod:`vbxfx.refit.structure`)."""
     targets: dict[str, list] = {n: [None] * len(batches) for n in names}
     last = names[-1]
     for i, batch in enumerate(batches):
-        def hook(mod, _a, out, name):
+        def hook(_mod, _a, out, name):
             if targets[name][i] is None:
+                mod = model.get_submodule(name)
+                out = sliced_output(mod, out, out_index.get(name))
                 pos = sample_positions(mod, out.shape, max_rows, gen)
                 out_hw = tuple(out.shape[2:]) if isinstance(mod, nn.Conv2d) else (0, 0)
                 targets[name][i] = (pos, out_hw, output_rows(mod, out, pos))
@@ -140,7 +145,8 @@ def _capture_input(model: nn.Module, name: str, batch: tuple, i: int) -> torch.T
 def refit_by_hooks(model: nn.Module, reference: nn.Module, batches: list[tuple],
                    names: list[str], refit: Refit, max_rows: int, gen: torch.Generator,
                    progress: Callable[[int, int, str], None] | None = None,
-                   max_bytes: int = 2 ** 30) -> tuple[list[str], int]:
+                   max_bytes: int = 2 ** 30,
+                   out_index: dict[str, torch.Tensor] | None = None) -> tuple[list[str], int]:
     """Refit the layers ``names`` of ``model`` in execution order (see the module doc);
     ``reference`` is the dense model with the same layer names. Returns the layers refit, in
     order (a layer that never runs on the calibration data is left as it is), and the number
@@ -155,7 +161,8 @@ def refit_by_hooks(model: nn.Module, reference: nn.Module, batches: list[tuple],
     forwards = 1
     with eval_mode(model), eval_mode(reference):
         for group in _groups(model, order, len(batches), max_rows, max_bytes):
-            targets = _dense_targets(reference, group, batches, max_rows, gen)
+            targets = _dense_targets(reference, group, batches, max_rows, gen, model,
+                                     out_index or {})
             forwards += len(batches)
             for name in group:
                 layer = model.get_submodule(name)

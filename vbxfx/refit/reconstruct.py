@@ -54,6 +54,8 @@ from vbxfx.refit.hooks import refit_by_hooks
 from vbxfx.refit.local import local_problems
 from vbxfx.refit.rows import Problem, input_rows, is_depthwise, output_rows, sample_positions
 from vbxfx.refit.sequential import run_side_by_side, trace_for_refit
+from vbxfx.refit.structure import dense_refits, reference_for, sliced_output, structure_targets
+from vbxfx.shrink.apply import ShrinkRecord
 from vbxfx.allocation.sensitivity import calib_batches
 
 __all__ = ["reconstruct", "ReconstructResult", "LayerRefit", "METHODS", "PATTERNS", "Progress",
@@ -125,7 +127,8 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *,
                 max_stats_bytes: int = 2 ** 30, layers: Iterable[str] | None = None,
                 seed: int = 0, progress: Progress | None = None,
                 local_weight: float = 0.0, variance_match: bool = False,
-                zero_pruned: bool = True) -> ReconstructResult:
+                zero_pruned: bool = True, structure: ShrinkRecord | None = None
+                ) -> ReconstructResult:
     """Refit the compressed layers of ``model`` (in place) to the outputs of ``reference``.
 
     Args:
@@ -158,6 +161,10 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *,
             so that fine-tuning's pattern refreshes keep the refit patterns (False: they keep
             their dense values and may come back; a refresh then undoes the data-chosen
             patterns, which cost the distillation recovery, BENCHMARKS.md issue 15).
+        structure: what :func:`vbxfx.shrink.apply_shrink` changed in ``model`` (pruned
+            channels, low-rank factors; :mod:`vbxfx.refit.structure`): those layers are
+            compared with the dense layers' kept channels, and the dense layers that lost
+            input channels are refit too.
 
     Raises:
         ConfigError: no compressed layer, bad options, a layer missing in ``reference`` or of
@@ -176,14 +183,19 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *,
             raise ConfigError(f"reconstruct: {missing} are not compressed layers of the model; "
                               f"it has {compressed[:5]}{' ...' if len(compressed) > 5 else ''}")
         compressed = [n for n in compressed if n in set(wanted)]
-    if not compressed:
+    extra = dense_refits(model, structure) if layers is None else []
+    if not compressed and not extra:
         raise ConfigError("reconstruct: the model holds no compressed layer; compress it first")
-    reference = copy.deepcopy(reference)
+    reference = reference_for(reference, structure)
     ref_modules = dict(reference.named_modules())
+    targets = structure_targets(structure)
+    changed = set(targets) | set(structure.in_index if structure else ())
     names = []
     for n in compressed:
         ref = ref_modules.get(n)
-        if not isinstance(ref, (nn.Conv2d, nn.Linear)) or ref.weight.shape != modules[n].weight.shape:
+        if n in changed:
+            pass
+        elif not isinstance(ref, (nn.Conv2d, nn.Linear)) or ref.weight.shape != modules[n].weight.shape:
             raise ConfigError(f"reconstruct: layer {n!r} has no Conv2d/Linear of weight shape "
                               f"{tuple(modules[n].weight.shape)} at the same name in the "
                               "reference model (give the dense model it was compressed from)")
@@ -193,7 +205,8 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *,
             continue
         names.append(n)
     # the dense layers: the reference's (a compressed reference layer gives its projection)
-    priors = {n: weight_and_bias(ref_modules[n]).detach().clone() for n in names}
+    priors = {n: weight_and_bias(modules[n] if n in changed else ref_modules[n],
+                                 compressed=n not in changed).detach().clone() for n in names}
     graph = trace_for_refit(model) if method == "sequential" else None
     opts = dict(pattern=pattern, iters=iters, damp=float(damp), zero_pruned=zero_pruned)
     seq_opts = dict(opts, local_weight=float(local_weight), variance_match=variance_match)
@@ -201,11 +214,14 @@ def reconstruct(model: nn.Module, reference: nn.Module, calib_data: Any, *,
         dense = [n for n, m in modules.items() if dense_layers and is_depthwise(m)
                  and not is_compressed(m) and _same_shape(m, ref_modules.get(n))
                  and _refittable(m) is None]
-        return _sequential(graph, model, reference, batches, names, dense, priors, max_rows,
-                           seed, seq_opts, progress)
+        return _sequential(graph, model, reference, batches, names, dense + extra, priors,
+                           max_rows, seed, seq_opts, progress, targets)
     if method == "sequential":
-        return _by_hooks(model, reference, batches, names, priors, max_rows, max_stats_bytes,
-                         seed, seq_opts, progress)
+        return _by_hooks(model, reference, batches, names + extra, priors, max_rows,
+                         max_stats_bytes, seed, seq_opts, progress, targets)
+    if structure is not None:
+        raise ConfigError("reconstruct: a model with pruned channels or low-rank factors is "
+                          "refit sequentially only (method='sequential')")
     return _local(model, reference, batches, names, priors, max_rows, max_stats_bytes, seed,
                   opts, progress)
 
@@ -241,7 +257,7 @@ def _problem(layer: nn.Module, xs: list, ys: list, max_rows: int, gen: torch.Gen
 
 
 def _sequential(graph, model, reference, batches, names, dense, priors, max_rows, seed, opts,
-                progress) -> ReconstructResult:
+                progress, targets) -> ReconstructResult:
     modules = dict(model.named_modules())
     gen = torch.Generator().manual_seed(seed)
     result = ReconstructResult(forwards=1, method="sequential")
@@ -249,6 +265,7 @@ def _sequential(graph, model, reference, batches, names, dense, priors, max_rows
 
     def visit(name: str, x_c: list, x_d: list, y_d: list) -> None:
         layer = modules[name]
+        y_d = [sliced_output(layer, y, targets.get(name)) for y in y_d]
         p = _problem(layer, x_c, y_d, max_rows, gen, x_d, opts.get("local_weight", 0.0))
         if name in priors:
             r = refit_compressed(name, layer, priors[name], p, pattern=opts["pattern"],
@@ -282,12 +299,16 @@ def _sequential(graph, model, reference, batches, names, dense, priors, max_rows
 
 
 def _by_hooks(model, reference, batches, names, priors, max_rows, max_bytes, seed, opts,
-              progress) -> ReconstructResult:
+              progress, targets) -> ReconstructResult:
     """The sequential refit of a model that does not trace symbolically (:mod:`.hooks`)."""
     modules = dict(model.named_modules())
     result = ReconstructResult(forwards=0, method="sequential")
 
     def refit(name: str, p: Problem) -> None:
+        if name not in priors:
+            r = refit_dense(name, modules[name], p, opts["damp"])
+            result.layers.append(r)
+            return
         r = refit_compressed(name, modules[name], priors[name].to(p.h.device), p,
                              pattern=opts["pattern"], iters=opts["iters"], damp=opts["damp"],
                              variance_match=opts["variance_match"],
@@ -295,13 +316,17 @@ def _by_hooks(model, reference, batches, names, priors, max_rows, max_bytes, see
         result.layers.append(r)
         logger.debug("reconstruct: %s %.4f -> %.4f", name, r.error_before, r.error_after)
 
-    saved = {n: copy.deepcopy(modules[n].state_dict()) for n in names}
+    saved = {n: (copy.deepcopy(modules[n].state_dict()), modules[n].bias is None)
+             for n in names}
     try:
         done, result.forwards = refit_by_hooks(model, reference, batches, names, refit,
                                                max_rows, torch.Generator().manual_seed(seed),
-                                               progress, max_bytes=max_bytes)
+                                               progress, max_bytes=max_bytes,
+                                               out_index=targets)
     except BaseException:
-        for n, state in saved.items():       # a batch failed midway: undo it all
+        for n, (state, no_bias) in saved.items():   # a batch failed midway: undo it all
+            if no_bias:
+                modules[n].bias = None
             modules[n].load_state_dict(state)
         raise
     logger.info("%s", result.summary())

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from torch import nn
@@ -42,6 +42,7 @@ from vbxfx.passes.reconstruct import Reconstruct
 from vbxfx.refit.reconstruct import OPTIONS as RECONSTRUCT_OPTIONS
 from vbxfx.passes.rewrite import LayerRewrite, Rewrite
 from vbxfx.analysis.trace import ROOT_KEY, trace
+from vbxfx.pipeline.methods import check_methods, compress_with_methods
 
 __all__ = ["analyze", "compress", "CompressResult", "build_report"]
 
@@ -81,7 +82,8 @@ def compress(model: nn.Module, example_inputs: Any, compression: float = 0.66,
              refresh_every: int | None = DEFAULT_REFRESH_EVERY, leaf_modules: Any = (),
              allow_dense: bool = False, reconstruct: bool | Mapping[str, Any] | None = None,
              progress: Callable[[str, int, int], None] | None = None,
-             include_frozen: bool = False) -> CompressResult:
+             include_frozen: bool = False,
+             methods: Sequence[str] = ("sparsity",)) -> CompressResult:
     """Compress a deep copy of ``model`` so that ``compression`` of the budget is removed.
 
     Args:
@@ -112,6 +114,13 @@ def compress(model: nn.Module, example_inputs: Any, compression: float = 0.66,
         progress: called as ``progress(stage, done, total)`` as the stages run: ``"trace"``,
             ``"analyze"``, ``"allocate"``, ``"rewrite"`` (0 of 1 when a stage starts, 1 of 1
             when it ends), then, with a refit, ``"refit: layers"`` (layers refit).
+        methods: what may remove MACs: ``"sparsity"`` (the VBX 1:4 / 2:4 levels, the
+            default), ``"channels"`` (channel pruning along the channel groups) and
+            ``"lowrank"`` (a layer as two low-rank factors), chosen in one allocation
+            (:mod:`vbxfx.pipeline.methods`). With more than sparsity, ``compression`` is the
+            fraction of the **whole** model's dense hardware MACs, the layers become
+            physically smaller, and ``budget``, ``sensitivity``, ``json_file``, ``fmt`` and
+            ``allow_dense`` must keep their defaults.
 
     Returns:
         ``CompressResult(model, report)``; ``model`` is the traced deep copy with compressed
@@ -146,6 +155,17 @@ def compress(model: nn.Module, example_inputs: Any, compression: float = 0.66,
     if isinstance(model, nn.Module):          # trace() names anything else
         require_real_tensors(model, "compress")
     step = _stage(progress)
+    methods = check_methods(methods)
+    if methods != ("sparsity",):
+        _check_method_options(budget, sensitivity, json_file, fmt, allow_dense, eval_fn)
+        if progress is not None and "progress" not in refit_options:
+            refit_options["progress"] = _refit_progress(progress)
+        small, report = compress_with_methods(
+            model, example_inputs, compression, methods, calib_data=calib_data,
+            exclude=exclude, leaf_modules=leaf_modules, include_frozen=include_frozen,
+            pairing=pairing, refresh_every=refresh_every, refit=bool(reconstruct),
+            refit_options=refit_options, step=step, build_report=build_report)
+        return CompressResult(small, report)
     with step("trace"):
         gm = trace(model, example_inputs, leaf_modules=leaf_modules)
     with step("analyze"):
@@ -181,6 +201,17 @@ def compress(model: nn.Module, example_inputs: Any, compression: float = 0.66,
                 len(records), f"{report['totals']['macs_before']:,}",
                 f"{report['totals']['macs_after']:,}")
     return CompressResult(compressed, report)
+
+
+def _check_method_options(budget, sensitivity, json_file, fmt, allow_dense, eval_fn) -> None:
+    given = {"budget": (budget, "macs"), "sensitivity": (sensitivity, "weight"),
+             "json_file": (json_file, None), "fmt": (fmt, "comp"),
+             "allow_dense": (allow_dense, False), "eval_fn": (eval_fn, None)}
+    bad = [f"{k}={v!r}" for k, (v, default) in given.items() if v != default]
+    if bad:
+        raise ConfigError(f"methods beyond 'sparsity' allocate hardware MACs with the weight "
+                          f"sensitivity in the structured format; {', '.join(bad)} cannot be "
+                          "combined with them (leave them at their defaults)")
 
 
 def _refit_progress(progress: Callable[[str, int, int], None]) -> Callable[[int, int, str], None]:
