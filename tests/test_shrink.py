@@ -49,12 +49,15 @@ class CatNet(nn.Module):
         self.norm = nn.GroupNorm(4, 16)
         self.out = nn.Conv2d(32, 8, 1)
         self.out2 = nn.Conv2d(16, 8, 1)
+        self.d = nn.Conv2d(16, 16, 1)
+        self.out3 = nn.Conv2d(16, 8, 1)
 
     def forward(self, x):
         y = self.head(torch.cat([torch.relu(self.a(x)), self.b(x)], 1))
         p, q = self.split_src(y).chunk(2, 1)
         z = self.out(torch.cat([self.c(p), q], 1))
-        return z + self.out2(self.norm(self.norm_src(y)))
+        r = self.out3(p + self.d(q))               # an add with a chunk piece (YOLO's C2f)
+        return z + self.out2(self.norm(self.norm_src(y))) + r
 
 
 def test_groups_of_resnet_blocks_and_reasons():
@@ -77,6 +80,7 @@ def test_groups_follow_concats_and_refuse_what_they_cannot_follow():
     assert groups["b"].prunable and groups["b"].consumers == (("head", 16),)
     assert not groups["split_src"].prunable and "chunk" in groups["split_src"].reason
     assert not groups["norm_src"].prunable and "GroupNorm" in groups["norm_src"].reason
+    assert not groups["d"].prunable and "takes channels from" in groups["d"].reason
 
 
 def test_keeping_every_channel_changes_nothing_and_halving_runs():

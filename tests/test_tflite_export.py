@@ -127,3 +127,22 @@ def test_the_float32_tflite_is_refused(converted, capsys):
     err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("  ")]
     assert len(err) == 1 and "float32 filter and float32 input: not a full-integer int8 TFLite" \
         in err[0]
+
+
+def test_a_channel_pruned_model_goes_to_int8_tflite_with_every_repeat(tmp_path, capsys):
+    """compress(methods=...) gives plain smaller layers and compressed ones: the converter
+    takes them, and every declared repeat holds in the int8 filters."""
+    exe = onnx2tf_or_skip()
+    x = torch.randn(DemoNet.example_input_shape, generator=torch.Generator().manual_seed(0))
+    result = vbxfx.compress(DemoNet(), x, compression=0.8,
+                            methods=("channels", "lowrank", "sparsity"))
+    assert any(g["kept"] < g["channels"] for g in result.report["shrink"]["groups"])
+    onnx_path, tfl = tmp_path / "small.onnx", tmp_path / "small.tflite"
+    vbxfx.export_onnx(result.model, x, str(onnx_path))
+    assert main(["export", str(onnx_path), "--tflite", str(tfl), "--onnx2tf", exe,
+                 "--calib", "skimage:8", "--work-dir", str(tmp_path / "work")]) == 0
+    declared = len(vbxfx.read_annotations(onnx_path))
+    capsys.readouterr()
+    assert main(["check", str(tfl), "--expect", str(onnx_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"repeat as declared on {declared}/{declared}\nOK" in out

@@ -393,3 +393,39 @@ def test_trainer_refits_on_calib_training_images_before_the_first_epoch(yolo_env
     assert len(report.layers) == len(_layers(model))
     with pytest.raises(ConfigError, match="calib must be a number of training images"):
         vu.compressed_trainer(0.66, calib=-1)
+
+
+@pytest.mark.slow
+def test_trainer_with_channel_pruning_trains_saves_and_trains_again(yolo_env):
+    """``compressed_trainer(0.7, methods=("channels", "sparsity"), calib=8)``: the model is
+    pruned (smaller BatchNorms) and refit on training images by hooks; best.pt validates and
+    exports; training again from it keeps its pruned shapes (ultralytics alone would rebuild
+    the dense yaml and keep only the weights whose shapes match)."""
+    from ultralytics import YOLO
+
+    root, data = yolo_env
+    y = YOLO("yolov8n.yaml")
+    dense_bn = {n: m.num_features for n, m in y.model.named_modules()
+                if isinstance(m, torch.nn.BatchNorm2d)}
+    y.train(data=str(data), project=str(root / "runs"), name="pruned", **TRAIN,
+            trainer=vu.compressed_trainer(0.7, methods=("channels", "sparsity"), calib=8))
+    report = y.trainer.vbx_report
+    assert report["achieved"] >= 0.7 and report["calib"]["images"] == 8
+    best = root / "runs" / "pruned" / "weights" / "best.pt"
+    saved = _checkpoint_model(best)
+    smaller = {n for n, m in saved.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+               and m.num_features < dense_bn[n]}
+    assert smaller and _layers(saved)
+    trained = YOLO(str(best))
+    metrics = trained.val(data=str(data), imgsz=64, batch=8, plots=False, device="cpu",
+                          verbose=False, workers=0)
+    assert 0.0 <= float(metrics.box.map) <= 1.0
+    onnx_file = trained.export(format="onnx", imgsz=64, device="cpu")
+    assert vbxfx.check_onnx(onnx_file, torch_model=_checkpoint_model(best).eval()).ok
+    again = YOLO(str(best))
+    again.train(data=str(data), project=str(root / "runs"), name="pruned_again", **TRAIN,
+                trainer=vu.compressed_trainer(0.7, methods=("channels", "sparsity")))
+    shapes = {n: m.num_features for n, m in again.trainer.model.named_modules()
+              if isinstance(m, torch.nn.BatchNorm2d)}
+    assert all(shapes[n] < dense_bn[n] for n in smaller)
+    assert set(_layers(again.trainer.model)) == set(_layers(saved))

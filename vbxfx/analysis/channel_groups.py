@@ -130,6 +130,9 @@ def _group(root, table, flow, kinds, members, producers) -> ChannelGroup:
     for m in sorted(members, key=list(flow.nodes).index):
         if kinds[m] == "input":
             problems.append("the channels come from the model's input")
+        if kinds[m] in ("add", "mul"):
+            problems += [f"{m} also takes channels from {u} ({kinds.get(u)})"
+                         for u in flow.predecessors(m) if u not in members]
         for _, v, d in flow.out_edges(m, data=True):
             if v in members:
                 add_through(d["through"])

@@ -34,8 +34,11 @@ From the command line (the ``yolo`` command takes no trainer class)::
 (or ``python -m vbxfx.integrations.ultralytics train ...``)
 
 takes the ``yolo train`` arguments plus ``compression``, ``budget``, ``fmt``, ``json_file``,
-``exclude`` (comma-separated globs), ``include_frozen`` and ``calib`` (refit on that many
-training images before the first epoch).
+``exclude`` (comma-separated globs), ``include_frozen``, ``calib`` (refit on that many
+training images before the first epoch) and ``methods`` (comma-separated: ``sparsity``,
+``channels``, ``lowrank``; :func:`vbxfx.compress`). A channel-pruned ``best.pt`` trains on
+in its own smaller shapes (ultralytics would rebuild the dense yaml and drop every pruned
+layer's weights).
 
 Multi-GPU DDP training (``device=0,1``): ultralytics pickles the trainer class (with its
 compression options) and the model for the workers it starts, so a model compressed in the
@@ -66,9 +69,11 @@ from torch import nn
 
 from vbxfx.errors import ConfigError
 from vbxfx.modules import DEFAULT_REFRESH_EVERY, FORMATS, compressed_modules
+from vbxfx.integrations.ultralytics_models import pruned_structure, take_pruned
 from vbxfx.integrations.ultralytics_models import (  # noqa: F401  (their home until now)
     ULTRALYTICS_HINT, follow_patterns, transfer_compression, warn_if_ultralytics)
 from vbxfx.modules.distributed import broadcast_compression
+from vbxfx.shrink.apply import ShrinkRecord
 
 __all__ = ["compressed_trainer", "trainer_class", "CompressOptions", "transfer_compression",
            "follow_patterns", "main"]
@@ -98,6 +103,7 @@ class CompressOptions:
     refresh_every: int | None = DEFAULT_REFRESH_EVERY
     include_frozen: bool = False
     calib: int = 0
+    methods: tuple[str, ...] = ("sparsity",)
 
     def __post_init__(self) -> None:
         c = self.compression
@@ -119,6 +125,9 @@ class CompressOptions:
         if not all(isinstance(e, str) for e in exclude):
             raise ConfigError(f"exclude must be layer names or globs, got {self.exclude!r}")
         object.__setattr__(self, "exclude", exclude)
+        from vbxfx.pipeline.methods import check_methods
+
+        object.__setattr__(self, "methods", check_methods(self.methods))
 
 
 # ------------------------------------------------------------------------- the trainer
@@ -133,7 +142,12 @@ class _CompressingTrainer:
         model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
         source = weights.get("ema") or weights.get("model") if isinstance(weights, Mapping) \
             else weights
-        if _ddp_rank() > 0:               # rank 0's compression comes over in setup_model
+        if isinstance(source, nn.Module) and pruned_structure(source, model):
+            model = take_pruned(source, model)
+            self.vbx_report = None
+        elif _ddp_rank() > 0 and self.vbx_options.methods == ("sparsity",):
+            # rank 0's compression comes over in setup_model (pruning is deterministic: every
+            # rank prunes the same channels itself)
             logger.debug("vbxfx: rank %d takes rank 0's compression", _ddp_rank())
             if self.vbx_options.calib:
                 self._vbx_dense = copy.deepcopy(model)
@@ -163,8 +177,10 @@ class _CompressingTrainer:
         result = vbxfx.compress(model, example, compression=opts.compression, budget=opts.budget,
                                 json_file=opts.json_file, exclude=exclude, fmt=opts.fmt,
                                 pairing=opts.pairing, refresh_every=opts.refresh_every,
-                                include_frozen=opts.include_frozen)
+                                include_frozen=opts.include_frozen, methods=opts.methods)
         self.vbx_report = result.report
+        record = result.report.get("shrink", {}).get("record")
+        self._vbx_structure = ShrinkRecord.from_dict(record) if record else None
         totals = result.report["totals"]
         logger.info("vbxfx: %d of %d layers compressed, %.1f%% of the dense hardware MACs "
                     "removed at %dx%d", totals["compressed"], totals["layers"],
@@ -179,7 +195,8 @@ class _CompressingTrainer:
         if dense is not None:             # calib=N on a freshly compressed model
             from vbxfx.integrations.ultralytics_calib import refit_in_trainer
 
-            calib = refit_in_trainer(self, self.model, dense, self.vbx_options.calib)
+            calib = refit_in_trainer(self, self.model, dense, self.vbx_options.calib,
+                                     getattr(self, "_vbx_structure", None))
             if self.vbx_report is not None:
                 self.vbx_report["calib"] = calib
             if _ddp_rank() >= 0:          # every rank refit; rank 0's patterns win
@@ -317,9 +334,10 @@ def _parse(argv: Iterable[str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
         if not sep or not key:
             raise ConfigError(f"arguments are key=value like yolo's, got {item!r}")
         target = ours if key in _OPTION_KEYS else yolo
-        target[key] = value if key in ("json_file", "exclude") else smart_value(value)
-    if "exclude" in ours:
-        ours["exclude"] = tuple(e for e in ours["exclude"].split(",") if e)
+        target[key] = value if key in ("json_file", "exclude", "methods") else smart_value(value)
+    for key in ("exclude", "methods"):
+        if key in ours:
+            ours[key] = tuple(e for e in ours[key].split(",") if e)
     model = yolo.pop("model", None)
     if not model:
         raise ConfigError("give model=..., e.g. model=yolov8n.pt or model=yolov8n.yaml")

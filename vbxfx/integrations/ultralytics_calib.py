@@ -45,9 +45,11 @@ def calibration_images(trainer: Any, count: int) -> list[torch.Tensor]:
     return batches
 
 
-def refit_in_trainer(trainer: Any, model: nn.Module, dense: nn.Module, count: int) -> dict:
+def refit_in_trainer(trainer: Any, model: nn.Module, dense: nn.Module, count: int,
+                     structure: Any = None) -> dict:
     """Refit ``model``'s compressed layers to ``dense`` on ``count`` training images, on the
-    trainer's device; returns the summary the report keeps."""
+    trainer's device; returns the summary the report keeps. ``structure``: the
+    :class:`~vbxfx.shrink.apply.ShrinkRecord` of a model compressed with ``methods=``."""
     import vbxfx
 
     start = time.perf_counter()
@@ -63,7 +65,7 @@ def refit_in_trainer(trainer: Any, model: nn.Module, dense: nn.Module, count: in
     if not images:
         logger.warning("vbxfx: no training image to refit on; calib=%d skipped", count)
         return {"images": 0}
-    result = vbxfx.reconstruct(model, dense, images)
+    result = vbxfx.reconstruct(model, dense, images, structure=structure)
     seconds = time.perf_counter() - start
     n = sum(b.shape[0] for b in images)
     logger.info("vbxfx: %s, on %d training images in %.1f s", result.summary(), n, seconds)

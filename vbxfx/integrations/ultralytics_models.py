@@ -4,10 +4,12 @@ compressed outside the trainer (used by :mod:`vbxfx.integrations.ultralytics`)."
 
 from __future__ import annotations
 
+import copy
 import logging
 
 from torch import nn
 
+from vbxfx.errors import ConfigError
 from vbxfx.modules import compressed_modules, from_dense
 from vbxfx.modules.swap import replace_module
 
@@ -84,3 +86,42 @@ def warn_if_ultralytics(model: nn.Module, what: str) -> None:
     """Log :data:`ULTRALYTICS_HINT` when ``model`` is an ultralytics model."""
     if type(model).__module__.startswith("ultralytics."):
         logger.warning("%s: %s", what, ULTRALYTICS_HINT)
+
+
+def pruned_structure(source: nn.Module, target: nn.Module) -> bool:
+    """Whether ``source`` (a loaded model) has channels pruned against ``target`` (the model
+    built fresh from its yaml): a BatchNorm or a layer inside the trunk of another width.
+    A new number of classes changes only the head's last convolutions, without BatchNorm."""
+    fresh = dict(target.named_modules())
+    for name, mod in source.named_modules():
+        other = fresh.get(name)
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            if not isinstance(other, nn.modules.batchnorm._BatchNorm) \
+                    or other.num_features != mod.num_features:
+                return True
+        elif isinstance(mod, nn.Sequential) and isinstance(other, (nn.Conv2d, nn.Linear)):
+            return True                      # a layer as two low-rank factors
+    return False
+
+
+def take_pruned(source: nn.Module, target: nn.Module) -> nn.Module:
+    """A trainable float copy of the channel-pruned ``source``, in ``target``'s place.
+
+    Raises:
+        ConfigError: the data set asks for another number of classes (the pruned head
+            cannot take it).
+    """
+    nc_src, nc_new = getattr(source, "nc", None), getattr(target, "nc", None)
+    if nc_src is not None and nc_new is not None and nc_src != nc_new:
+        raise ConfigError(f"vbxfx: the loaded model has channels pruned and {nc_src} classes; "
+                          f"the data set has {nc_new}: retrain the dense model on it, then "
+                          "compress with methods= again")
+    model = copy.deepcopy(source).float()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for name in ("args", "yaml"):
+        if hasattr(target, name):
+            setattr(model, name, getattr(target, name))
+    logger.info("vbxfx: the loaded model has pruned channels; training it in its own shapes")
+    return model
+

@@ -129,6 +129,7 @@ def _against_original(report, table, plan, record, groups, methods) -> None:
                     "prunable": g.prunable, "reason": g.reason} for g in groups.values()],
         "low_rank": dict(record.ranks),
         "channel_cost": plan.channel_cost, "cost": plan.cost,
+        "record": record.to_dict(),
     }
     for row in report["layers"]:
         if row["name"] in table:

@@ -54,6 +54,25 @@ class ShrinkRecord:
     #: group name -> (kept, channels)
     groups: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        """JSON-friendly (the report's ``shrink.record``); :meth:`from_dict` reads it back."""
+        lists = lambda d: {k: [int(i) for i in v] for k, v in d.items()}  # noqa: E731
+        return {"out_index": lists(self.out_index), "in_index": lists(self.in_index),
+                "through": lists(self.through), "ranks": dict(self.ranks),
+                "groups": {k: list(v) for k, v in self.groups.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ShrinkRecord:
+        try:
+            tensors = lambda key: {k: torch.tensor(v, dtype=torch.long)  # noqa: E731
+                                   for k, v in d[key].items()}
+            return cls(tensors("out_index"), tensors("in_index"), tensors("through"),
+                       {k: int(v) for k, v in d["ranks"].items()},
+                       {k: (int(a), int(b)) for k, (a, b) in d["groups"].items()})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"not a shrink record ({type(e).__name__}: {e}); expected the "
+                              "report's shrink.record") from None
+
     def factor_names(self) -> list[str]:
         """The layers the low-rank factorisation created (``name.0``, ``name.1``)."""
         return [f"{n}.{k}" for n in self.ranks for k in (0, 1)]
