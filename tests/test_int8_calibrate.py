@@ -94,6 +94,28 @@ def test_patches_are_the_convolution():
                                    rtol=1e-10, atol=1e-10)
 
 
+def test_a_consumer_computes_its_layer_as_torch_does():
+    """The search at the consumers' outputs runs each filtered layer on rows of its input:
+    a strided depthwise convolution with its fused ReLU6, as torch computes it."""
+    from types import SimpleNamespace
+
+    from vbxfx.quant.consumer_ranges import _Layer
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(1, 9, 9, 6))
+    w = rng.normal(size=(1, 3, 3, 6))                     # TFLite depthwise [1, kh, kw, C]
+    b = rng.normal(size=6)
+    op = SimpleNamespace(op="DEPTHWISE_CONV_2D", inputs=[0, 1, 2],
+                         options={"padding": "SAME", "stride": (2, 2), "activation": "RELU6"})
+    layer = _Layer(SimpleNamespace(q=op, f=op), lambda i: {1: w, 2: b}[i])
+    layer.add(x, rng)
+    ref = torch.nn.functional.conv2d(
+        torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(w).permute(3, 0, 1, 2),
+        torch.from_numpy(b), stride=2, padding=1, groups=6).clamp(0, 6)
+    np.testing.assert_allclose(layer.out(layer.rows[0]),
+                               ref[0].permute(1, 2, 0).reshape(-1, 6).numpy(), atol=1e-10)
+
+
 # ------------------------------------------------------------------------------ real files
 
 
@@ -240,3 +262,27 @@ def test_operators_pair_by_the_graph_when_the_files_order_them_differently(conve
     missing = dataclasses.replace(f, operators=[op for k, op in enumerate(ops) if k != i])
     with pytest.raises(CheckError, match="does not hold the operators"):
         pair_operators(q, missing)
+
+
+@pytest.mark.slow
+def test_ranges_before_filtered_layers_are_chosen_at_their_outputs(converted):
+    """A tensor read only by convolutions takes the range of least error at their outputs;
+    one that an ADD also reads keeps the tensor's own measure."""
+    from vbxfx.quant.consumer_ranges import consumers_of
+    from vbxfx.quant.patch import Int8File, pair_operators
+    from vbxfx.quant.ranges import _groups
+
+    f, ref = Int8File(converted["tflite"]), Int8File(converted["float"])
+    pairs = pair_operators(f.model, ref.model)
+    groups, fixed = _groups(f, pairs)
+    kinds = {}
+    for members in groups.values():
+        if fixed.intersection(members):
+            continue
+        readers = consumers_of(f, pairs, members)
+        users = {op.op for op in f.model.operators if set(op.inputs) & set(members)}
+        kinds[tuple(members)] = (readers, users)
+    assert any(r and {p.q.op for p in r} == {"DEPTHWISE_CONV_2D"} for r, _ in kinds.values())
+    assert all(r is None for r, users in kinds.values() if "ADD" in users)
+    assert all(r for r, users in kinds.values()
+               if users and users <= {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"})

@@ -5,7 +5,9 @@ refit to the data, written into the file the converter made.
 float32 file onnx2tf wrote beside it and the export's calibration data:
 
 1. ``"ranges"``: every activation gets the int8 range of least error on the float
-   activations (:mod:`vbxfx.quant.ranges`) instead of the converter's min/max;
+   activations (:mod:`vbxfx.quant.ranges`) instead of the converter's min/max; one read only
+   by convolutions, the range of least error at *their* outputs
+   (:mod:`vbxfx.quant.consumer_ranges`: depthwise filters amplify the rounding noise);
 2. ``"bias"`` (the default, after the ranges): every CONV_2D / DEPTHWISE_CONV_2D /
    FULLY_CONNECTED layer, in graph order, has its int32 bias set so that its mean output on
    the data, with every earlier layer as int8 computes it, equals the float model's
@@ -152,7 +154,7 @@ def calibrate_int8(tflite: str | os.PathLike, float_tflite: str | os.PathLike, d
         return reference.tensor(index)
 
     say(f"int8 ranges on {len(x)} samples")
-    chosen = choose_ranges(f, pairs, float_values, len(x))
+    chosen = choose_ranges(f, pairs, float_values, len(x), weight=ref.constant)
     apply_ranges(f, chosen)
     layers, notes = 0, []
     if method in ("bias", "optq"):

@@ -6,8 +6,10 @@ coarse grid: MobileNetV2's first projection conv reached 12 where its held-out o
 under 5. :func:`choose_ranges` instead takes, for each activation, the clipping range whose
 int8 grid has the least mean squared error over the float activations the float32 file
 computes on the calibration data (a grid search over both ends, as AIMET's "TF-enhanced"
-and TensorRT's percentile calibrators do); :func:`apply_ranges` writes the new scales and
-zero points into the file and re-expresses the int32 biases of the layers that read them.
+and TensorRT's percentile calibrators do), or, for a tensor read only by filtered layers,
+the range of least error at their outputs (:mod:`vbxfx.quant.consumer_ranges`);
+:func:`apply_ranges` writes the new scales and zero points into the file and re-expresses
+the int32 biases of the layers that read them.
 
 Tensors that TFLite requires to share one quantization (the input and output of PAD,
 RESHAPE, pooling, CONCATENATION, ...) get one range together. The graph input (its scale is
@@ -43,6 +45,8 @@ GRID = np.geomspace(0.05, 1.0, 16)
 #: Float values kept per tensor and sample, and per group in all, for the search.
 SAMPLES_PER_TENSOR = 4096
 SAMPLES_PER_GROUP = 65536
+#: Calibration samples the search at the consumers' outputs runs on.
+CONSUMER_SAMPLES = 8
 
 
 def int8_params(lo: float, hi: float) -> tuple[float, int]:
@@ -111,11 +115,15 @@ def _groups(f: Int8File, pairs: list[OperatorPair]) -> tuple[dict[int, list[int]
 
 
 def choose_ranges(f: Int8File, pairs: list[OperatorPair], float_tensors: Callable,
-                  count: int, seed: int = 0) -> dict[int, tuple[float, int]]:
+                  count: int, seed: int = 0, weight: Callable | None = None
+                  ) -> dict[int, tuple[float, int]]:
     """``{int8 tensor: (scale, zero_point)}`` for every activation whose range may change.
 
     ``float_tensors(k)`` runs calibration sample ``k`` through the float32 file and returns
     a function from a float tensor index to its value (see :mod:`vbxfx.quant.calibrate`).
+    With ``weight(index)`` (the float32 file's constants), the activations read only by
+    filtered layers take the range of least error at those layers' outputs
+    (:mod:`vbxfx.quant.consumer_ranges`), on at most :data:`CONSUMER_SAMPLES` samples.
     """
     groups, fixed = _groups(f, pairs)
     to_float = {q: fo for p in pairs for q, fo in zip(p.q.outputs, p.f.outputs) if q >= 0}
@@ -140,6 +148,12 @@ def choose_ranges(f: Int8File, pairs: list[OperatorPair], float_tensors: Callabl
         chosen.update({t: params for t in members})
     logger.info("ranges: %d of %d activation tensors in %d groups get a new range",
                 len(chosen), sum(len(m) for m in groups.values()), len(groups))
+    if weight is not None:
+        from vbxfx.quant.consumer_ranges import consumer_ranges
+
+        free = {r: m for r, m in groups.items() if not fixed.intersection(m)}
+        consumer_ranges(f, pairs, free, chosen, float_tensors, weight,
+                        min(count, CONSUMER_SAMPLES), seed)
     return chosen
 
 
