@@ -113,6 +113,28 @@ def test_refit_reconstructs_the_pruned_layers():
     assert errors[True] < errors[False]
 
 
+def test_with_calibration_data_the_joint_plan_must_beat_sparsity_alone_on_it(monkeypatch):
+    """Where sparsity alone reaches the target, both plans are built and refit, and the one
+    whose output is closer to the dense model's on the calibration data is kept."""
+    import vbxfx.allocation.joint as joint
+    from vbxfx.allocation.sensitivity import output_divergence
+
+    monkeypatch.setattr(joint, "STRUCTURED_WEIGHT", 1e-3)     # prune channels eagerly
+    model, x = demo(), torch.randn(1, 3, 64, 64)
+    calib = [torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(i))
+             for i in range(2)]
+    result = vbxfx.compress(model, x, compression=0.5, methods=ALL, calib_data=calib)
+    chosen = result.report["shrink"]["selection"]
+    scores = {"joint": chosen["joint"], "sparsity_alone": chosen["sparsity_alone"]}
+    assert chosen["kept"] == min(scores, key=scores.get)
+    with torch.no_grad():
+        got = sum(output_divergence(model(b), result.model(b)) for b in calib) / len(calib)
+    assert got == pytest.approx(scores[chosen["kept"]], rel=1e-5)
+    pruned = any(g["kept"] < g["channels"] for g in result.report["shrink"]["groups"])
+    assert pruned == (chosen["kept"] == "joint")
+    assert result.report["achieved"] >= 0.5
+
+
 def test_the_result_goes_through_training_export_and_the_users_tools(tmp_path):
     model, x = demo(), torch.randn(1, 3, 64, 64)
     small = vbxfx.compress(model, x, compression=0.8, methods=ALL).model

@@ -19,12 +19,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from vbxfx.allocation.joint import METHODS, joint_allocation
-from vbxfx.allocation.sensitivity import layer_statistics
+from vbxfx.allocation.sensitivity import calib_batches, layer_statistics, output_divergence
 from vbxfx.analysis.channel_groups import channel_groups
-from vbxfx.analysis.trace import get_root, trace
+from vbxfx.analysis.trace import eval_mode, get_root, trace
 from vbxfx.errors import ConfigError
 from vbxfx.passes.allocate import Allocation
 from vbxfx.passes.analyze_layers import AnalyzeLayers
@@ -76,25 +77,33 @@ def compress_with_methods(model: nn.Module, example_inputs: Any, compression: fl
                                                    nn.Parameter)}
     with step("allocate"):
         plan = joint_allocation(table, groups, weights, stats, float(compression), methods)
-    with step("shrink"):
-        record = Shrink(ShrinkPlan(plan.kept, plan.ranks))(gm).details
-        gm = trace(root, example_inputs, leaf_modules=leaf_modules)
-        small = AnalyzeLayers(include_frozen=include_frozen)(gm).details
-    levels = {n: r for n, r in plan.repeats.items() if n in small and small[n].eligible}
-    with step("rewrite"):
-        records = Rewrite(levels)(gm).details if levels else {}
-    result = None
-    if refit and (records or record.in_index or record.ranks):
-        result = Reconstruct(model, calib_data, structure=record, **refit_options)(gm).details
-    compressed = get_root(gm)
-    alloc = Allocation(repeats=dict(levels), compressions={n: {2: 0.5, 1: 0.75}[r]
-                                                            for n, r in levels.items()},
+    plans = [plan]
+    if refit and plan.plain is not None and (plan.kept or plan.ranks):
+        plans.append(plan.plain)           # the sparsity-only plan, judged on the data too
+    built = [_build(p, gm, model, example_inputs, leaf_modules, exclude, include_frozen,
+                    pairing, refresh_every, refit, calib_data, refit_options, step)
+             for p in plans]
+    chosen = 0
+    scores = None
+    if len(built) > 1:
+        scores = [_divergence(model, b[0], calib_data) for b in built]
+        chosen = min(range(len(built)), key=lambda i: (scores[i], i))
+        logger.info("compress: output divergence on the calibration data %.4g with the joint "
+                    "plan, %.4g with sparsity alone: %s kept", scores[0], scores[1],
+                    "the joint plan" if chosen == 0 else "sparsity alone")
+    plan = plans[chosen]
+    compressed, small, records, record, result = built[chosen]
+    alloc = Allocation(repeats={n: r.repeat for n, r in records.items()},
+                       compressions={n: r.compression for n, r in records.items()},
                        target=float(compression), budget="macs", fmt="comp",
                        achieved=plan.achieved, sensitivity="weight", per_layer=(),
                        total_sensitivity=plan.cost, lower_bound=plan.cost, exact=True,
                        total_before=plan.macs_before)
     report = build_report(small, alloc, records, compressed)
     _against_original(report, table, plan, record, groups, methods)
+    if scores is not None:
+        report["shrink"]["selection"] = {"joint": scores[0], "sparsity_alone": scores[1],
+                                         "kept": "joint" if chosen == 0 else "sparsity_alone"}
     if result is not None:
         n = max(1, len(result.layers))
         report["reconstruct"] = {
@@ -105,6 +114,35 @@ def compress_with_methods(model: nn.Module, example_inputs: Any, compression: fl
                                   sum(r.error_after for r in result.layers) / n],
             "output_error": {r.name: [r.error_before, r.error_after] for r in result.layers}}
     return compressed, report
+
+
+def _build(plan, gm, model, example_inputs, leaf_modules, exclude, include_frozen, pairing,
+           refresh_every, refit, calib_data, refit_options, step):
+    """``plan`` applied to a copy of ``gm``'s root: ``(model, table, records, shrink record,
+    refit result)``."""
+    copy_gm = trace(get_root(gm), example_inputs, leaf_modules=leaf_modules)
+    with step("shrink"):
+        AnalyzeLayers(exclude=exclude, include_frozen=include_frozen)(copy_gm)
+        record = Shrink(ShrinkPlan(plan.kept, plan.ranks))(copy_gm).details
+        small_gm = trace(get_root(copy_gm), example_inputs, leaf_modules=leaf_modules)
+        small = AnalyzeLayers(include_frozen=include_frozen)(small_gm).details
+    levels = {n: r for n, r in plan.repeats.items() if n in small and small[n].eligible}
+    with step("rewrite"):
+        records = Rewrite(levels, pairing=pairing, refresh_every=refresh_every)(
+            small_gm).details if levels else {}
+    result = None
+    if refit and (records or record.in_index or record.ranks):
+        result = Reconstruct(model, calib_data, structure=record, **refit_options)(
+            small_gm).details
+    return get_root(small_gm), small, records, record, result
+
+
+@torch.no_grad()
+def _divergence(dense: nn.Module, small: nn.Module, calib_data: Any) -> float:
+    """Mean output divergence of ``small`` from ``dense`` on the calibration batches."""
+    batches = calib_batches(calib_data)
+    with eval_mode(dense), eval_mode(small):
+        return sum(output_divergence(dense(*b), small(*b)) for b in batches) / len(batches)
 
 
 def _against_original(report, table, plan, record, groups, methods) -> None:
