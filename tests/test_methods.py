@@ -20,20 +20,13 @@ from vbxfx.inputs.demo import DemoNet
 from vbxfx.modules import is_compressed
 from vbxfx.passes import AnalyzeLayers
 
+from bn_stats import randomize_bn
+
 ALL = ("channels", "lowrank", "sparsity")
 
 
 def demo(seed=0):
-    model = DemoNet().eval()
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=gen) + 0.5
-            m.bias.data = torch.randn(n, generator=gen) * 0.2
-            m.running_mean = torch.randn(n, generator=gen) * 0.2
-            m.running_var = torch.rand(n, generator=gen) + 0.5
-    return model
+    return randomize_bn(DemoNet(), seed)
 
 
 def hardware_macs(model, x):

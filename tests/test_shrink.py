@@ -17,22 +17,12 @@ from vbxfx.passes import AnalyzeLayers, Shrink
 from vbxfx.shrink.apply import ShrinkPlan, apply_shrink
 from vbxfx.shrink.slicing import low_rank_factors
 
+from bn_stats import randomize_bn
+
 
 def groups_of(model, x):
     gm = vbxfx.trace(model, x)
     return gm, channel_groups(gm, AnalyzeLayers()(gm).details)
-
-
-def randomize_bn(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=gen) + 0.5
-            m.bias.data = torch.randn(n, generator=gen) * 0.2
-            m.running_mean = torch.randn(n, generator=gen) * 0.2
-            m.running_var = torch.rand(n, generator=gen) + 0.5
-    return model.eval()
 
 
 class CatNet(nn.Module):
