@@ -54,6 +54,18 @@ def test_the_whole_model_target_is_met_and_counted_against_the_original():
     json.dumps(report)
 
 
+def test_low_rank_layers_are_counted_as_the_hardware_runs_them():
+    model, x = demo(), torch.randn(1, 3, 64, 64)
+    result = vbxfx.compress(model, x, compression=0.3, methods=("lowrank",))
+    shrink = result.report["shrink"]
+    assert shrink["low_rank"] and set(shrink["spatial"]) <= set(shrink["low_rank"])
+    assert result.report["achieved"] >= 0.3
+    assert hardware_macs(result.model, x) == result.report["totals"]["macs_after"]
+    for name in shrink["spatial"]:
+        first, second = result.model.get_submodule(name)
+        assert first.kernel_size[1] == 1 and second.kernel_size[0] == 1
+
+
 def test_sparsity_alone_caps_where_channels_go_further():
     model, x = demo(), torch.randn(1, 3, 64, 64)
     gm = vbxfx.trace(model, x)

@@ -15,7 +15,7 @@ from vbxfx.errors import ConfigError
 from vbxfx.inputs.demo import DemoNet
 from vbxfx.passes import AnalyzeLayers, Shrink
 from vbxfx.shrink.apply import ShrinkPlan, apply_shrink
-from vbxfx.shrink.slicing import low_rank_factors
+from vbxfx.shrink.slicing import low_rank_factors, spatial_factors
 
 from bn_stats import randomize_bn
 
@@ -144,6 +144,19 @@ def test_low_rank_factors_at_full_rank_reproduce_the_layer(layer):
                                atol=1e-5, rtol=1e-5)
     small = low_rank_factors(layer, 4)
     assert small[0].weight.shape[0] == 4 and small[1].weight.shape[1] == 4
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(6, 10, 3, stride=2, padding=1),
+                                  nn.Conv2d(6, 10, (3, 5), stride=(1, 2), padding=(1, 2),
+                                            dilation=(2, 1))])
+def test_spatial_factors_at_full_rank_reproduce_the_convolution(conv):
+    x = torch.randn(2, 6, 11, 13)
+    full = min(6 * conv.kernel_size[0], 10 * conv.kernel_size[1])
+    with torch.no_grad():
+        seq = spatial_factors(conv, full, torch.rand(6) + 0.1)
+        torch.testing.assert_close(seq(x), conv(x), atol=1e-5, rtol=1e-5)
+    assert seq[0].kernel_size == (conv.kernel_size[0], 1)
+    assert seq[1].kernel_size == (1, conv.kernel_size[1])
 
 
 def test_low_rank_weighs_by_the_input():

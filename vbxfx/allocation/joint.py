@@ -10,9 +10,10 @@ for every choice:
   over its consumers of the ratio of losing input channel ``c``, its mean moved into the
   bias (:func:`~vbxfx.allocation.sensitivity.column_ratios`); a group's channels go in the
   order of that cost, least first, in steps that keep a multiple of 8;
-- a layer as two low-rank factors (:func:`vbxfx.shrink.slicing.low_rank_factors`, weighted
-  by the input's second moments) at a rank that leaves 1/2 or 1/4 of its dense MACs: the
-  ratio of the truncated weight's error.
+- a layer as two low-rank factors at a rank that leaves 1/2 or 1/4 of its dense MACs, by
+  channels (weight SVD, :func:`vbxfx.shrink.slicing.low_rank_factors`) or, for a ``kh x kw``
+  convolution, by kernel axis (spatial SVD, :func:`vbxfx.shrink.slicing.spatial_factors`),
+  both weighted by the input's second moments: the ratio of the truncated weight's error.
 
 Channel choices change the MACs of several layers at once, so the search is in two levels.
 Channel steps are taken greedily, least cost per MAC removed first, giving a path of channel
@@ -31,6 +32,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+from torch import nn
 
 from vbxfx.allocation.knapsack import solve_mckp
 from vbxfx.allocation.sensitivity import (LayerStats, column_ratios, noise_ratio,
@@ -73,6 +75,8 @@ class JointPlan:
     states: int
     #: The plan of the VBX levels alone, when they reach the target; None otherwise.
     plain: JointPlan | None = None
+    #: The layers of ``ranks`` split by kernel axis (spatial SVD).
+    spatial: frozenset[str] = frozenset()
 
     @property
     def achieved(self) -> float:
@@ -119,6 +123,14 @@ class _Costs:
         return n * (hardware_macs(rank, inn, layer.kernel_positions, layer.output_positions, 4)
                     + hardware_macs(out, rank, 1, layer.output_positions, 4))
 
+    def spatial(self, layer: LayerInfo, keep: Mapping[str, int], rank: int, geom) -> int:
+        """MACs of the ``kh x 1`` and ``1 x kw`` factors (``geom``: kh, kw, middle width)."""
+        out, inn = self.shape(layer, keep)
+        kh, kw, mid = geom
+        h, w = layer.out_shape[-2], layer.out_shape[-1]
+        return layer.calls * (hardware_macs(rank, inn, kh, h * mid, 4)
+                              + hardware_macs(out, rank, kw, h * w, 4))
+
     def total(self, keep: Mapping[str, int]) -> int:
         return sum(self.dense(l, keep) for l in self.layers) + self.other
 
@@ -133,15 +145,45 @@ def _ranks(layer: LayerInfo) -> list[int]:
     return out
 
 
-def _lowrank_ratio(w: torch.Tensor, st: LayerStats | None, rank: int) -> float:
+def _geometry(layer: LayerInfo, module) -> tuple[int, int, int] | None:
+    """``(kh, kw, middle width)`` of a convolution a spatial SVD can split, else None."""
+    if not isinstance(module, nn.Conv2d) or module.groups != 1 \
+            or min(module.kernel_size) < 2 or isinstance(module.padding, str) \
+            or module.padding_mode != "zeros" or len(layer.in_shape) != 4:
+        return None
+    kh, kw = module.kernel_size
+    mid = layer.in_shape[-1] + 2 * module.padding[1] - module.dilation[1] * (kw - 1)
+    return kh, kw, mid
+
+
+def _spatial_ranks(layer: LayerInfo, geom) -> list[int]:
+    kh, kw, mid = geom
+    o, i, w = layer.out_channels, layer.in_channels, layer.out_shape[-1]
+    out = []
+    for f in RANK_FRACTIONS:
+        r = (int(f * o * kh * kw * i * w / (i * kh * mid + o * kw * w)) // 8) * 8
+        if 8 <= r < min(i * kh, o * kw) and r not in out:
+            out.append(r)
+    return out
+
+
+def _lowrank_ratio(w: torch.Tensor, st: LayerStats | None, rank: int,
+                   spatial: bool = False) -> float:
     w = w.detach().double()
     rms = torch.ones(w.shape[1], dtype=w.dtype)
     if st is not None and st.in_var is not None:
         rms = (st.in_var.double() + st.in_mean.double().square()).clamp(min=1e-12).sqrt()
     view = (1, -1) + (1,) * (w.dim() - 2)
-    u, s, vh = torch.linalg.svd((w * rms.view(view)).reshape(w.shape[0], -1),
-                                full_matrices=False)
-    approx = ((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(w.shape) / rms.view(view)
+    scaled = w * rms.view(view)
+    if spatial:                                         # rows (I, kh), columns (O, kw)
+        o, i, kh, kw = w.shape
+        u, s, vh = torch.linalg.svd(scaled.permute(1, 2, 0, 3).reshape(i * kh, o * kw),
+                                    full_matrices=False)
+        approx = ((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(i, kh, o, kw)
+        approx = approx.permute(2, 0, 1, 3) / rms.view(view)
+    else:
+        u, s, vh = torch.linalg.svd(scaled.reshape(w.shape[0], -1), full_matrices=False)
+        approx = ((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(w.shape) / rms.view(view)
     return STRUCTURED_WEIGHT * noise_ratio(w, w - approx, st)
 
 
@@ -158,9 +200,11 @@ def channel_order(group: ChannelGroup, weights: Mapping[str, torch.Tensor],
 
 def joint_allocation(table: LayerTable, groups: Mapping[str, ChannelGroup],
                      weights: Mapping[str, torch.Tensor], stats: Mapping[str, LayerStats],
-                     target: float, methods: Sequence[str] = METHODS) -> JointPlan:
+                     target: float, methods: Sequence[str] = METHODS,
+                     modules: Mapping[str, nn.Module] | None = None) -> JointPlan:
     """The least-cost plan removing ``target`` of the original dense hardware MACs
-    (module docstring). ``weights``: every Conv/Linear layer's weight by name.
+    (module docstring). ``weights``: every Conv/Linear layer's weight by name; ``modules``:
+    the layers themselves, for the spatial SVD's geometry (without them, weight SVD only).
 
     Raises:
         ConfigError: a target the chosen methods cannot reach (the message says the most).
@@ -177,8 +221,13 @@ def joint_allocation(table: LayerTable, groups: Mapping[str, ChannelGroup],
     low = {}
     if "lowrank" in use:
         for l in eligible:
-            low[l.name] = [(r, _lowrank_ratio(weights[l.name], stats.get(l.name), r))
-                           for r in _ranks(l)]
+            low[l.name] = [("lowrank", r, _lowrank_ratio(weights[l.name], stats.get(l.name), r),
+                            None) for r in _ranks(l)]
+            geom = _geometry(l, (modules or {}).get(l.name))
+            if geom is not None:
+                low[l.name] += [("spatial", r, _lowrank_ratio(weights[l.name], stats.get(l.name),
+                                                              r, spatial=True), geom)
+                                for r in _spatial_ranks(l, geom)]
     orders = {g.name: channel_order(g, weights, stats) for g in prunable}
     path = _channel_path(prunable, orders, costs)
     step = max(1, math.ceil(len(path) / MAX_STATES))
@@ -214,9 +263,10 @@ def joint_allocation(table: LayerTable, groups: Mapping[str, ChannelGroup],
 
 def _plan(groups, orders, keep, choice, total, ccost, before, after, states, plain=None):
     kept = {g: tuple(sorted(orders[g][0][groups[g].channels - k:])) for g, k in keep.items()}
-    ranks = {n: v[1] for n, v in choice.items() if v[0] == "lowrank"}
+    ranks = {n: v[1] for n, v in choice.items() if v[0] in ("lowrank", "spatial")}
+    spatial = frozenset(n for n, v in choice.items() if v[0] == "spatial")
     repeats = {n: v[1] for n, v in choice.items() if v[0] == "repeat"}
-    return JointPlan(kept, ranks, repeats, total, ccost, before, after, states, plain)
+    return JointPlan(kept, ranks, repeats, total, ccost, before, after, states, plain, spatial)
 
 
 def _channel_path(groups: list[ChannelGroup], orders, costs: _Costs):
@@ -270,8 +320,10 @@ def _options(layer, costs, keep, sens, low, removed_base):
         if layer.name in sens and lv in sens[layer.name]:
             opts.append((sens[layer.name][lv], removed_base - costs.dense(layer, keep, lv),
                          ("repeat", lv)))
-    for r, ratio in low.get(layer.name, ()):
-        opts.append((ratio, removed_base - costs.lowrank(layer, keep, r), ("lowrank", r)))
+    for kind, r, ratio, geom in low.get(layer.name, ()):
+        macs = costs.spatial(layer, keep, r, geom) if kind == "spatial" \
+            else costs.lowrank(layer, keep, r)
+        opts.append((ratio, removed_base - macs, (kind, r)))
     return opts
 
 

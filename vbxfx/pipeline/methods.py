@@ -76,7 +76,8 @@ def compress_with_methods(model: nn.Module, example_inputs: Any, compression: fl
                if l.name in modules and isinstance(getattr(modules[l.name], "weight", None),
                                                    nn.Parameter)}
     with step("allocate"):
-        plan = joint_allocation(table, groups, weights, stats, float(compression), methods)
+        plan = joint_allocation(table, groups, weights, stats, float(compression), methods,
+                                modules)
     plans = [plan]
     if refit and plan.plain is not None and (plan.kept or plan.ranks):
         plans.append(plan.plain)           # the sparsity-only plan, judged on the data too
@@ -123,7 +124,7 @@ def _build(plan, gm, model, example_inputs, leaf_modules, exclude, include_froze
     copy_gm = trace(get_root(gm), example_inputs, leaf_modules=leaf_modules)
     with step("shrink"):
         AnalyzeLayers(exclude=exclude, include_frozen=include_frozen)(copy_gm)
-        record = Shrink(ShrinkPlan(plan.kept, plan.ranks))(copy_gm).details
+        record = Shrink(ShrinkPlan(plan.kept, plan.ranks, plan.spatial))(copy_gm).details
         small_gm = trace(get_root(copy_gm), example_inputs, leaf_modules=leaf_modules)
         small = AnalyzeLayers(include_frozen=include_frozen)(small_gm).details
     levels = {n: r for n, r in plan.repeats.items() if n in small and small[n].eligible}
@@ -166,6 +167,7 @@ def _against_original(report, table, plan, record, groups, methods) -> None:
                     "consumers": [c for c, _ in g.consumers],
                     "prunable": g.prunable, "reason": g.reason} for g in groups.values()],
         "low_rank": dict(record.ranks),
+        "spatial": sorted(record.spatial),
         "channel_cost": plan.channel_cost, "cost": plan.cost,
         "record": record.to_dict(),
     }

@@ -25,7 +25,8 @@ from torch import nn
 from vbxfx.analysis.channel_groups import ChannelGroup
 from vbxfx.errors import ConfigError
 from vbxfx.modules.swap import replace_module
-from vbxfx.shrink.slicing import low_rank_factors, sliced_batchnorm, sliced_depthwise, sliced_layer
+from vbxfx.shrink.slicing import (low_rank_factors, sliced_batchnorm, sliced_depthwise,
+                                  sliced_layer, spatial_factors)
 
 __all__ = ["ShrinkPlan", "ShrinkRecord", "apply_shrink"]
 
@@ -34,10 +35,13 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ShrinkPlan:
-    """``kept``: group name -> the channel indices it keeps; ``ranks``: layer -> rank."""
+    """``kept``: group name -> the channel indices it keeps; ``ranks``: layer -> rank;
+    ``spatial``: the layers of ``ranks`` factorised by kernel axis (a ``kh x 1`` then a
+    ``1 x kw`` convolution) instead of by channels (a ``kh x kw`` then a ``1 x 1``)."""
 
     kept: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=dict)
     ranks: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    spatial: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
         return bool(self.kept) or bool(self.ranks)
@@ -51,6 +55,7 @@ class ShrinkRecord:
     in_index: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     through: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     ranks: dict[str, int] = dataclasses.field(default_factory=dict)
+    spatial: set[str] = dataclasses.field(default_factory=set)
     #: group name -> (kept, channels)
     groups: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
@@ -59,6 +64,7 @@ class ShrinkRecord:
         lists = lambda d: {k: [int(i) for i in v] for k, v in d.items()}  # noqa: E731
         return {"out_index": lists(self.out_index), "in_index": lists(self.in_index),
                 "through": lists(self.through), "ranks": dict(self.ranks),
+                "spatial": sorted(self.spatial),
                 "groups": {k: list(v) for k, v in self.groups.items()}}
 
     @classmethod
@@ -68,6 +74,7 @@ class ShrinkRecord:
                                    for k, v in d[key].items()}
             return cls(tensors("out_index"), tensors("in_index"), tensors("through"),
                        {k: int(v) for k, v in d["ranks"].items()},
+                       set(d.get("spatial", ())),
                        {k: (int(a), int(b)) for k, (a, b) in d["groups"].items()})
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"not a shrink record ({type(e).__name__}: {e}); expected the "
@@ -91,7 +98,7 @@ def _index(group: ChannelGroup, kept: Sequence[int]) -> torch.Tensor:
     return torch.tensor(idx, dtype=torch.long)
 
 
-def _check_rank(root: nn.Module, name: str, rank) -> None:
+def _check_rank(root: nn.Module, name: str, rank, spatial: bool) -> None:
     try:
         mod = root.get_submodule(name)
     except AttributeError:
@@ -100,9 +107,16 @@ def _check_rank(root: nn.Module, name: str, rank) -> None:
         raise ConfigError(f"low-rank layer {name!r} is a {type(mod).__name__}; a plain Conv2d "
                           "(groups=1) or Linear is needed")
     o, i = mod.weight.shape[:2]
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank < min(o, i * mod.weight[0, 0].numel()):
+    most = min(o, i * mod.weight[0, 0].numel())
+    if spatial:
+        if not isinstance(mod, nn.Conv2d) or min(mod.kernel_size) < 2 \
+                or isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+            raise ConfigError(f"spatial low-rank layer {name!r}: a Conv2d with a kernel of at "
+                              "least 2x2 and numeric zero padding is needed")
+        most = min(i * mod.kernel_size[0], o * mod.kernel_size[1])
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank < most:
         raise ConfigError(f"low-rank layer {name!r}: rank must be an integer in 1.."
-                          f"{min(o, i * mod.weight[0, 0].numel()) - 1}, got {rank!r}")
+                          f"{most - 1}, got {rank!r}")
 
 
 def apply_shrink(root: nn.Module, groups: Mapping[str, ChannelGroup], plan: ShrinkPlan,
@@ -133,8 +147,11 @@ def apply_shrink(root: nn.Module, groups: Mapping[str, ChannelGroup], plan: Shri
             record.through[t] = idx
         for c, offset in group.consumers:
             removed_in.setdefault(c, []).append(gone + offset)
+    if not set(plan.spatial) <= set(plan.ranks):
+        raise ConfigError(f"spatial layers {sorted(set(plan.spatial) - set(plan.ranks))} have "
+                          "no rank in the plan")
     for name, rank in plan.ranks.items():
-        _check_rank(root, name, rank)
+        _check_rank(root, name, rank, name in plan.spatial)
     for c, parts in removed_in.items():
         width = root.get_submodule(c).weight.shape[1]
         gone = set(torch.cat(parts).tolist())
@@ -157,8 +174,11 @@ def apply_shrink(root: nn.Module, groups: Mapping[str, ChannelGroup], plan: Shri
             rms = (in_rms or {}).get(name)
             if rms is not None and name in record.in_index:
                 rms = rms[record.in_index[name]]
-            replace_module([root], name, old, low_rank_factors(old, int(rank), rms))
+            factor = spatial_factors if name in plan.spatial else low_rank_factors
+            replace_module([root], name, old, factor(old, int(rank), rms))
             record.ranks[name] = int(rank)
+            if name in plan.spatial:
+                record.spatial.add(name)
     logger.info("shrink: %d group(s) pruned, %d layer(s) low-rank",
                 sum(k < n for k, n in record.groups.values()), len(record.ranks))
     return record

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["sliced_layer", "sliced_batchnorm", "sliced_depthwise", "low_rank_factors"]
+__all__ = ["sliced_layer", "sliced_batchnorm", "sliced_depthwise", "low_rank_factors",
+           "spatial_factors"]
 
 
 def _param(value: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
@@ -114,6 +115,39 @@ def low_rank_factors(mod: nn.Conv2d | nn.Linear, rank: int,
         b = nn.Conv2d(r, o, 1, bias=mod.bias is not None, device=w.device,
                       dtype=mod.weight.dtype)
         second = second[:, :, None, None]
+    a.weight = _param(first.to(mod.weight.dtype), mod.weight)
+    b.weight = _param(second.to(mod.weight.dtype), mod.weight)
+    if mod.bias is not None:
+        b.bias = _param(mod.bias, mod.bias)
+    seq = nn.Sequential(a, b)
+    seq.train(mod.training)
+    return seq
+
+
+@torch.no_grad()
+def spatial_factors(mod: nn.Conv2d, rank: int, in_rms: torch.Tensor | None = None
+                    ) -> nn.Sequential:
+    """A ``kh x kw`` Conv2d as a ``kh x 1`` Conv2d into ``rank`` channels, then a ``1 x kw``
+    Conv2d to the outputs (spatial SVD), holding ``mod``'s bias; stride, padding and dilation
+    split by axis. ``in_rms`` weighs the SVD as in :func:`low_rank_factors`."""
+    w = mod.weight.detach().double()                        # [O, I, kh, kw]
+    o, i, kh, kw = w.shape
+    scale = torch.ones(i, dtype=w.dtype, device=w.device)
+    if in_rms is not None:
+        scale = in_rms.to(w).clamp(min=1e-6 * float(in_rms.max().clamp(min=1e-12)))
+    m = (w * scale.view(1, -1, 1, 1)).permute(1, 2, 0, 3).reshape(i * kh, o * kw)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    r = int(rank)
+    root = s[:r].sqrt()
+    first = (u[:, :r] * root).reshape(i, kh, r).permute(2, 0, 1)[..., None]   # [r, I, kh, 1]
+    first = first / scale.view(1, -1, 1, 1)
+    second = (root[:, None] * vh[:r]).reshape(r, o, kw).permute(1, 0, 2)[:, :, None, :]
+    (sh, sw), (ph, pw), (dh, dw) = mod.stride, mod.padding, mod.dilation
+    kw_ = dict(device=w.device, dtype=mod.weight.dtype)
+    a = nn.Conv2d(i, r, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1),
+                  bias=False, **kw_)
+    b = nn.Conv2d(r, o, (1, kw), stride=(1, sw), padding=(0, pw), dilation=(1, dw),
+                  bias=mod.bias is not None, **kw_)
     a.weight = _param(first.to(mod.weight.dtype), mod.weight)
     b.weight = _param(second.to(mod.weight.dtype), mod.weight)
     if mod.bias is not None:
