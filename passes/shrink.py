@@ -5,7 +5,8 @@ A transform pass over an analysed GraphModule: it applies a :class:`~vbxfx.shrin
 layer) to ``gm.meta["vbxfx.root"]`` by module swaps (:func:`vbxfx.shrink.apply_shrink`). The
 GraphModule itself is then stale (its shapes are the old ones): trace the root again before
 any other pass. With ``bias_correction`` (the default), each consumer's bias takes the mean
-contribution of the input channels it lost, from the BatchNorm statistics before it.
+contribution of the input channels it lost, from the BatchNorm statistics before it (or
+the ``stats`` given, e.g. measured on calibration data).
 
 >>> gm = vbxfx.trace(model, x); AnalyzeLayers()(gm)                       # doctest: +SKIP
 >>> record = Shrink(ShrinkPlan(kept={"layer1.0.conv1": range(32)}))(gm).details  # doctest: +SKIP
@@ -45,13 +46,15 @@ class Shrink(GraphPass):
     in_place = True
     changes_input = True
 
-    def __init__(self, plan: ShrinkPlan, bias_correction: bool = True):
+    def __init__(self, plan: ShrinkPlan, bias_correction: bool = True,
+                 stats: dict | None = None):
         self.plan = plan
         self.bias_correction = bias_correction
+        self.stats = stats
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         groups = channel_groups(gm, layer_table(gm))
-        stats = layer_statistics(gm)
+        stats = self.stats if self.stats is not None else layer_statistics(gm)
         means = {n: st.in_mean for n, st in stats.items()
                  if st.in_mean is not None} if self.bias_correction else None
         rms = {n: (st.in_var + st.in_mean.square()).clamp(min=0).sqrt()

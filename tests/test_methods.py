@@ -66,6 +66,32 @@ def test_low_rank_layers_are_counted_as_the_hardware_runs_them():
         assert first.kernel_size[1] == 1 and second.kernel_size[0] == 1
 
 
+def test_with_calibration_data_the_input_moments_are_measured():
+    """The costs and the channel order use each layer's input moments on the data, not the
+    BatchNorm's stored ones (which a model's own training set may not match)."""
+    from vbxfx.allocation.noise import measured_statistics
+
+    model, x = demo(), torch.randn(1, 3, 64, 64)
+    gm = vbxfx.trace(model, x)
+    AnalyzeLayers()(gm)
+    stats = layer_statistics(gm)
+    batches = [(torch.randn(4, 3, 64, 64) * 3 + 1,), (torch.randn(4, 3, 64, 64) * 3 + 1,)]
+    measured = measured_statistics(vbxfx.analysis.trace.get_root(gm), stats, batches)
+    seen = {}
+    layer = vbxfx.analysis.trace.get_root(gm).get_submodule("layer2.conv1")
+    handle = layer.register_forward_pre_hook(lambda m, a: seen.setdefault("x", []).append(a[0]))
+    with torch.no_grad():
+        for (b,) in batches:
+            vbxfx.analysis.trace.get_root(gm)(b)
+    handle.remove()
+    xs = torch.cat(seen["x"]).transpose(0, 1).reshape(layer.in_channels, -1).double()
+    torch.testing.assert_close(measured["layer2.conv1"].in_mean, xs.mean(1).float())
+    torch.testing.assert_close(measured["layer2.conv1"].in_var,
+                               xs.var(1, unbiased=False).float(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(measured["layer2.conv1"].in_var, stats["layer2.conv1"].in_var)
+    assert measured["layer2.conv1"].out_gain is stats["layer2.conv1"].out_gain
+
+
 def test_sparsity_alone_caps_where_channels_go_further():
     model, x = demo(), torch.randn(1, 3, 64, 64)
     gm = vbxfx.trace(model, x)

@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["LayerStats", "noise_ratio", "column_ratios"]
+__all__ = ["LayerStats", "noise_ratio", "column_ratios", "measured_statistics"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,3 +72,51 @@ def column_ratios(w: torch.Tensor, st: LayerStats | None) -> torch.Tensor:
     mean, var = _moments(w, st)
     per = (w.square() * var).reshape(w.shape[0], w.shape[1], -1).sum(-1)   # [O, I]
     return _normalised(w, per, st, mean, var)
+
+
+@torch.no_grad()
+def measured_statistics(root: torch.nn.Module, stats: dict[str, LayerStats],
+                        batches: list[tuple]) -> dict[str, LayerStats]:
+    """``stats`` with every layer's input moments measured on calibration ``batches`` (per
+    channel, over the batch and positions of the layer's first call) instead of read off the
+    BatchNorms; the output side (gain, energy, share) stays. ``root`` runs in eval mode and
+    comes back in its own mode."""
+    sums: dict[str, list] = {}
+    handles = []
+
+    def hook(name):
+        def record(_module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            if not isinstance(x, torch.Tensor) or x.dim() < 2 or name in done:
+                return
+            done.add(name)
+            c = x.shape[1] if x.dim() > 2 else x.shape[-1]
+            flat = (x.transpose(0, 1) if x.dim() > 2 else x.T).reshape(c, -1).double()
+            s = sums.setdefault(name, [0.0, 0.0, 0])
+            s[0] = s[0] + flat.sum(1)
+            s[1] = s[1] + flat.square().sum(1)
+            s[2] += flat.shape[1]
+        return record
+
+    modules = dict(root.named_modules())
+    for name in stats:
+        if name in modules:
+            handles.append(modules[name].register_forward_pre_hook(hook(name), with_kwargs=True))
+    was = root.training
+    root.eval()
+    try:
+        for batch in batches:
+            done: set[str] = set()
+            root(*batch)
+    finally:
+        root.train(was)
+        for h in handles:
+            h.remove()
+    out = dict(stats)
+    for name, (total, squares, n) in sums.items():
+        st = stats[name]
+        mean = (total / n).float()
+        var = (squares / n).float() - mean.square()
+        if st.in_var is None or st.in_var.numel() == mean.numel():
+            out[name] = dataclasses.replace(st, in_mean=mean, in_var=var.clamp(min=0))
+    return out

@@ -6,6 +6,10 @@ one allocation over every channel step, low-rank rank and VBX level
 the traced copy, a new trace of the smaller model, Rewrite at the chosen levels, then, with
 calibration data, the sequential refit against the original dense model
 (:mod:`vbxfx.refit.structure`: the consumers of pruned channels are refit by least squares).
+With calibration data the costs, the channel order, the bias correction of pruned channels
+and the low-rank weighting use every layer's input moments measured on the data
+(:func:`~vbxfx.allocation.noise.measured_statistics`), and where sparsity alone reaches the
+target its plan is built and refit too, the one closer to the dense model on the data kept.
 
 ``compression`` is here the fraction of the **whole** original model's dense hardware MACs
 to remove (channel pruning also shrinks depthwise convolutions and other layers the VBX
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 
 from vbxfx.allocation.joint import METHODS, joint_allocation
+from vbxfx.allocation.noise import measured_statistics
 from vbxfx.allocation.sensitivity import calib_batches, layer_statistics, output_divergence
 from vbxfx.analysis.channel_groups import channel_groups
 from vbxfx.analysis.trace import eval_mode, get_root, trace
@@ -71,6 +76,8 @@ def compress_with_methods(model: nn.Module, example_inputs: Any, compression: fl
         groups = channel_groups(gm, table)
         stats = layer_statistics(gm)
     root = get_root(gm)
+    if calib_data is not None:              # the channels' moments as the data has them
+        stats = measured_statistics(root, stats, calib_batches(calib_data))
     modules = dict(root.named_modules())
     weights = {l.name: modules[l.name].weight for l in table
                if l.name in modules and isinstance(getattr(modules[l.name], "weight", None),
@@ -82,7 +89,7 @@ def compress_with_methods(model: nn.Module, example_inputs: Any, compression: fl
     if refit and plan.plain is not None and (plan.kept or plan.ranks):
         plans.append(plan.plain)           # the sparsity-only plan, judged on the data too
     built = [_build(p, gm, model, example_inputs, leaf_modules, exclude, include_frozen,
-                    pairing, refresh_every, refit, calib_data, refit_options, step)
+                    pairing, refresh_every, refit, calib_data, refit_options, step, stats)
              for p in plans]
     chosen = 0
     scores = None
@@ -118,13 +125,14 @@ def compress_with_methods(model: nn.Module, example_inputs: Any, compression: fl
 
 
 def _build(plan, gm, model, example_inputs, leaf_modules, exclude, include_frozen, pairing,
-           refresh_every, refit, calib_data, refit_options, step):
+           refresh_every, refit, calib_data, refit_options, step, stats):
     """``plan`` applied to a copy of ``gm``'s root: ``(model, table, records, shrink record,
     refit result)``."""
     copy_gm = trace(get_root(gm), example_inputs, leaf_modules=leaf_modules)
     with step("shrink"):
         AnalyzeLayers(exclude=exclude, include_frozen=include_frozen)(copy_gm)
-        record = Shrink(ShrinkPlan(plan.kept, plan.ranks, plan.spatial))(copy_gm).details
+        record = Shrink(ShrinkPlan(plan.kept, plan.ranks, plan.spatial),
+                        stats=stats)(copy_gm).details
         small_gm = trace(get_root(copy_gm), example_inputs, leaf_modules=leaf_modules)
         small = AnalyzeLayers(include_frozen=include_frozen)(small_gm).details
     levels = {n: r for n, r in plan.repeats.items() if n in small and small[n].eligible}
