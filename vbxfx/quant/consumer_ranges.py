@@ -98,14 +98,13 @@ def _dequantized(x: np.ndarray, scale: float, zero: int) -> np.ndarray:
 
 def consumer_ranges(f: Int8File, pairs: list[OperatorPair], groups: dict[int, list[int]],
                     chosen: dict[int, tuple[float, int]], float_tensors: Callable,
-                    weight: Callable[[int], np.ndarray], count: int, seed: int = 0
-                    ) -> dict[int, tuple[float, int]]:
+                    weight: Callable[[int], np.ndarray], count: int, params: Callable,
+                    seed: int = 0) -> dict[int, tuple[float, int]]:
     """Replace in ``chosen`` (tensor -> (scale, zero point), the tensor-error ranges) the
     range of every group read only by filtered layers (module docstring); returns
     ``chosen``. ``float_tensors(k)``: see :func:`vbxfx.quant.ranges.choose_ranges`;
-    ``weight(index)``: a constant of the float32 file."""
-    from vbxfx.quant.ranges import int8_params
-
+    ``weight(index)``: a constant of the float32 file; ``params(lo, hi)``: the int8 grid
+    over a range (:func:`vbxfx.quant.ranges.int8_params`)."""
     to_float = {q: fo for p in pairs for q, fo in zip(p.q.outputs, p.f.outputs) if q >= 0}
     todo = {}
     for root, members in groups.items():
@@ -130,7 +129,7 @@ def consumer_ranges(f: Int8File, pairs: list[OperatorPair], groups: dict[int, li
     for root, (members, layers) in todo.items():
         lo0, hi0 = ends[root]
         own = chosen[members[0]]
-        candidates = [own] + [int8_params(g * min(lo0, 0.0), g * max(hi0, 0.0))
+        candidates = [own] + [params(g * min(lo0, 0.0), g * max(hi0, 0.0))
                               for g in FRACTIONS]
         refs = [[layer.out(r) for r in layer.rows] for layer, _ in layers]
         energy = [max(sum(float(np.sum(y * y)) for y in ys), 1e-30) for ys in refs]

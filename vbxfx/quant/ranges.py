@@ -153,7 +153,7 @@ def choose_ranges(f: Int8File, pairs: list[OperatorPair], float_tensors: Callabl
 
         free = {r: m for r, m in groups.items() if not fixed.intersection(m)}
         consumer_ranges(f, pairs, free, chosen, float_tensors, weight,
-                        min(count, CONSUMER_SAMPLES), seed)
+                        min(count, CONSUMER_SAMPLES), int8_params, seed)
     return chosen
 
 
