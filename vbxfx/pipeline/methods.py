@@ -9,7 +9,8 @@ calibration data, the sequential refit against the original dense model
 With calibration data the costs, the channel order, the bias correction of pruned channels
 and the low-rank weighting use every layer's input moments measured on the data
 (:func:`~vbxfx.allocation.noise.measured_statistics`), and where sparsity alone reaches the
-target its plan is built and refit too, the one closer to the dense model on the data kept.
+target, its plan as ``compress`` without ``methods`` makes it (from the BatchNorms'
+statistics) is built and refit too, and the one closer to the dense model on the data kept.
 
 ``compression`` is here the fraction of the **whole** original model's dense hardware MACs
 to remove (channel pruning also shrinks depthwise convolutions and other layers the VBX
@@ -76,6 +77,7 @@ def compress_with_methods(model: nn.Module, example_inputs: Any, compression: fl
         groups = channel_groups(gm, table)
         stats = layer_statistics(gm)
     root = get_root(gm)
+    stored = stats
     if calib_data is not None:              # the channels' moments as the data has them
         stats = measured_statistics(root, stats, calib_batches(calib_data))
     modules = dict(root.named_modules())
@@ -86,8 +88,10 @@ def compress_with_methods(model: nn.Module, example_inputs: Any, compression: fl
         plan = joint_allocation(table, groups, weights, stats, float(compression), methods,
                                 modules)
     plans = [plan]
-    if refit and plan.plain is not None and (plan.kept or plan.ranks):
-        plans.append(plan.plain)           # the sparsity-only plan, judged on the data too
+    plain = _sparsity_alone(table, groups, weights, stored, float(compression), methods) \
+        if refit else None
+    if plain is not None and (plan.kept, plan.ranks, plan.repeats) != ({}, {}, plain.repeats):
+        plans.append(plain)                # what sparsity alone does, judged on the data too
     built = [_build(p, gm, model, example_inputs, leaf_modules, exclude, include_frozen,
                     pairing, refresh_every, refit, calib_data, refit_options, step, stats)
              for p in plans]
@@ -122,6 +126,17 @@ def compress_with_methods(model: nn.Module, example_inputs: Any, compression: fl
                                   sum(r.error_after for r in result.layers) / n],
             "output_error": {r.name: [r.error_before, r.error_after] for r in result.layers}}
     return compressed, report
+
+
+def _sparsity_alone(table, groups, weights, stats, target, methods):
+    """The plan of the VBX levels alone, priced as ``compress`` without ``methods`` prices
+    them (the BatchNorms' statistics), or None when they cannot reach ``target``."""
+    if "sparsity" not in methods:
+        return None
+    try:
+        return joint_allocation(table, groups, weights, stats, target, ("sparsity",))
+    except ConfigError:
+        return None
 
 
 def _build(plan, gm, model, example_inputs, leaf_modules, exclude, include_frozen, pairing,
