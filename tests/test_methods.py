@@ -122,6 +122,13 @@ def test_bad_options_name_what_is_accepted(kwargs, words):
         vbxfx.compress(demo(), torch.randn(1, 3, 64, 64), **opts)
 
 
+def test_calibration_data_the_model_cannot_take_is_refused_by_name():
+    model = demo()
+    with pytest.raises(ConfigError, match="calibration batch 0"):
+        vbxfx.compress(model, torch.randn(1, 3, 64, 64), compression=0.8, methods=ALL,
+                       calib_data=torch.randn(2, 5, 64, 64))
+
+
 def test_refit_reconstructs_the_pruned_layers():
     model = demo()
     x = torch.randn(1, 3, 64, 64)

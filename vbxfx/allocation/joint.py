@@ -20,8 +20,8 @@ Channel steps are taken greedily, least cost per MAC removed first, giving a pat
 states; at each state an exact multiple-choice knapsack (:func:`solve_mckp`) picks every
 layer's level (dense, 2:4, 1:4 or low-rank) to reach the target on the pruned shapes. The
 state with the least total cost wins. The first state prunes nothing: the plain sparsity
-allocation, so the joint plan's cost is never above it; it is also returned
-(``JointPlan.plain``) so that :func:`vbxfx.compress` can judge both on calibration data.
+allocation, so the joint plan's cost is never above it (:func:`vbxfx.compress` also judges
+the two on calibration data, :mod:`vbxfx.pipeline.methods`).
 """
 
 from __future__ import annotations
@@ -73,8 +73,6 @@ class JointPlan:
     macs_before: int
     macs_after: int
     states: int
-    #: The plan of the VBX levels alone, when they reach the target; None otherwise.
-    plain: JointPlan | None = None
     #: The layers of ``ranks`` split by kernel axis (spatial SVD).
     spatial: frozenset[str] = frozenset()
 
@@ -234,7 +232,7 @@ def joint_allocation(table: LayerTable, groups: Mapping[str, ChannelGroup],
     picks = list(range(0, len(path), step))
     if picks[-1] != len(path) - 1:
         picks.append(len(path) - 1)
-    best, most, plain = None, 0, None
+    best, most = None, 0
     for i in picks:
         keep, ccost = path[i]
         result = _levels(table, costs, keep, sens, low, before, demand)
@@ -242,9 +240,6 @@ def joint_allocation(table: LayerTable, groups: Mapping[str, ChannelGroup],
             most = max(most, before - _floor(table, costs, keep, sens, low))
             continue
         choice, lcost, after = result
-        alone = _levels(table, costs, keep, sens, {}, before, demand) if i == 0 else None
-        if alone is not None and "sparsity" in use:
-            plain = _plan(groups, orders, keep, alone[0], alone[1], 0.0, before, alone[2], 1)
         if best is None or ccost + lcost < best[0]:
             best = (ccost + lcost, ccost, keep, choice, after)
     if best is None:
@@ -252,7 +247,7 @@ def joint_allocation(table: LayerTable, groups: Mapping[str, ChannelGroup],
                           f"be met with methods {tuple(methods)}: at most "
                           f"{most / before:.4f} (add methods, or lower the target)")
     total, ccost, keep, choice, after = best
-    plan = _plan(groups, orders, keep, choice, total, ccost, before, after, len(picks), plain)
+    plan = _plan(groups, orders, keep, choice, total, ccost, before, after, len(picks))
     logger.info("joint allocation: %d group(s) pruned, %d low-rank, %d at 2:4, %d at 1:4; "
                 "%.4f of %s dense hardware MACs removed (cost %.4g, %d channel states)",
                 len(plan.kept), len(plan.ranks), sum(r == 2 for r in plan.repeats.values()),
@@ -261,12 +256,12 @@ def joint_allocation(table: LayerTable, groups: Mapping[str, ChannelGroup],
     return plan
 
 
-def _plan(groups, orders, keep, choice, total, ccost, before, after, states, plain=None):
+def _plan(groups, orders, keep, choice, total, ccost, before, after, states):
     kept = {g: tuple(sorted(orders[g][0][groups[g].channels - k:])) for g, k in keep.items()}
     ranks = {n: v[1] for n, v in choice.items() if v[0] in ("lowrank", "spatial")}
     spatial = frozenset(n for n, v in choice.items() if v[0] == "spatial")
     repeats = {n: v[1] for n, v in choice.items() if v[0] == "repeat"}
-    return JointPlan(kept, ranks, repeats, total, ccost, before, after, states, plain, spatial)
+    return JointPlan(kept, ranks, repeats, total, ccost, before, after, states, spatial)
 
 
 def _channel_path(groups: list[ChannelGroup], orders, costs: _Costs):

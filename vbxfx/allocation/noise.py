@@ -13,6 +13,8 @@ import dataclasses
 
 import torch
 
+from vbxfx.errors import ConfigError
+
 __all__ = ["LayerStats", "noise_ratio", "column_ratios", "measured_statistics"]
 
 
@@ -105,9 +107,15 @@ def measured_statistics(root: torch.nn.Module, stats: dict[str, LayerStats],
     was = root.training
     root.eval()
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
             done: set[str] = set()
-            root(*batch)
+            try:
+                root(*batch)
+            except Exception as e:          # shapes, dtypes: name the batch, not torch's line
+                raise ConfigError(f"calibration batch {i} (shapes "
+                                  f"{[tuple(getattr(t, 'shape', ())) for t in batch]}) does not "
+                                  f"run through the model: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]}") from e
     finally:
         root.train(was)
         for h in handles:
